@@ -1,0 +1,1 @@
+"""Triton int8 kernels and their fast CPU path (issue #3)."""

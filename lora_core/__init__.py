@@ -1,0 +1,40 @@
+"""lora-core: instruction-tune LLaMA-family models with LoRA on modest hardware."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import GGUFCheckpoint, open_checkpoint
+from .config import ModelArgs
+from .loader import load_model, resolve_base
+from .model import KVCache, Transformer
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+
+DEFAULT_BASE = "smollm2-135m"
+
+__all__ = ["load", "load_model", "load_tokenizer", "open_checkpoint", "ModelArgs", "Transformer", "KVCache",
+           "Tokenizer", "DEFAULT_BASE"]
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, args: ModelArgs, weights: Path):
+    """The tokenizer may be smaller than the embedding (padded vocabularies), never larger."""
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(
+            f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} tokens but the model at {weights} embeds "
+            f"{args.vocab_size}; use the tokenizer that was trained with this model"
+        )
+
+
+def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | Path | None = None,
+         progress: bool = False) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name."""
+    ckpt = open_checkpoint(resolve_base(base))
+    if tokenizer is None and isinstance(ckpt, GGUFCheckpoint):
+        tok = tokenizer_from_gguf(ckpt.file)
+    elif tokenizer is None and ckpt.tokenizer_path is None:
+        raise FileNotFoundError(
+            f"{ckpt.path}: no tokenizer.model or tokenizer.json beside the weights; pass the tokenizer file explicitly"
+        )
+    else:
+        tok = load_tokenizer(tokenizer or ckpt.tokenizer_path)
+    check_tokenizer_fits(tok, ckpt.args, ckpt.path)
+    return load_model(ckpt, dtype, progress=progress), tok

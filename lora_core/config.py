@@ -1,0 +1,104 @@
+"""ModelArgs: the shape of a LLaMA model, read from Meta params.json, HF config.json or GGUF metadata."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None -> n_heads (multi-head attention)
+    vocab_size: int = 32000
+    hidden_dim: int = 11008  # SwiGLU inner size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_meta_params(cls, params: dict, vocab_size: int | None = None) -> "ModelArgs":
+        """Meta's params.json; the FFN size follows llama/model.py's multiple_of rule."""
+        dim = params["dim"]
+        hidden = int(2 * (4 * dim) / 3)
+        if params.get("ffn_dim_multiplier") is not None:
+            hidden = int(params["ffn_dim_multiplier"] * hidden)
+        multiple_of = params.get("multiple_of", 256)
+        hidden = multiple_of * math.ceil(hidden / multiple_of)
+        vocab = params.get("vocab_size", -1)
+        if vocab is None or vocab <= 0:  # LLaMA 1/2 params.json say -1: the tokenizer decides
+            vocab = vocab_size
+        if vocab is None:
+            raise ValueError("params.json has no vocab_size and none was read from the weights")
+        return cls(
+            dim=dim,
+            n_layers=params["n_layers"],
+            n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads"),
+            vocab_size=vocab,
+            hidden_dim=hidden,
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=params.get("rope_theta", 10000.0),
+            max_seq_len=params.get("max_seq_len", 2048),
+        )
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """HF LlamaConfig as config.json."""
+        arch = cfg.get("model_type", "llama")
+        if arch != "llama":
+            raise ValueError(f"config.json has model_type {arch!r}; only 'llama' is supported")
+        head_dim = cfg.get("head_dim")
+        if head_dim and head_dim != cfg["hidden_size"] // cfg["num_attention_heads"]:
+            raise ValueError(f"config.json head_dim {head_dim} differs from hidden_size / num_attention_heads; not supported")
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads"),
+            vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        )
+
+    @classmethod
+    def from_gguf(cls, meta: dict, tensor_names: set[str], n_vocab_tokens: int | None = None) -> "ModelArgs":
+        """GGUF key/values (llama.* keys); tied when the file has no output.weight."""
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' is supported")
+        vocab = meta.get("llama.vocab_size", n_vocab_tokens)
+        return cls(
+            dim=int(meta["llama.embedding_length"]),
+            n_layers=int(meta["llama.block_count"]),
+            n_heads=int(meta["llama.attention.head_count"]),
+            n_kv_heads=int(meta.get("llama.attention.head_count_kv", meta["llama.attention.head_count"])),
+            vocab_size=int(vocab),
+            hidden_dim=int(meta["llama.feed_forward_length"]),
+            norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+            max_seq_len=int(meta.get("llama.context_length", 2048)),
+            tie_embeddings="output.weight" not in tensor_names,
+        )
