@@ -16,22 +16,34 @@ def _f16(raw: torch.Tensor, start: int) -> torch.Tensor:
     return raw[:, start:start + 2].contiguous().view(torch.float16).float()
 
 
-def dequantize_blocks(raw: np.ndarray, type_name: str) -> torch.Tensor:
+def dequantize_blocks(raw: np.ndarray, type_name: str, chunk_blocks: int = 1 << 15) -> torch.Tensor:
     """Blocks of one quantized tensor (any shape of uint8, whole blocks) -> flat fp32 weights.
+
+    Works through `chunk_blocks` blocks at a time so the temporaries stay small next to the result.
+    """
+    if type_name not in _BLOCK:
+        raise ValueError(f"GGUF tensor type {type_name} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are)")
+    blocks = np.asarray(raw).reshape(-1, _BLOCK[type_name])  # (n_blocks, bytes), a view of the memory map
+    out = torch.empty(blocks.shape[0], QK, dtype=torch.float32)
+    for start in range(0, blocks.shape[0], chunk_blocks):
+        chunk = torch.from_numpy(np.array(blocks[start:start + chunk_blocks]))
+        out[start:start + chunk_blocks] = _dequantize_chunk(chunk, type_name)
+    return out.flatten()
+
+
+def _dequantize_chunk(raw: torch.Tensor, type_name: str) -> torch.Tensor:
+    """(n, bytes) uint8 blocks -> (n, 32) fp32.
 
     Q8_0: d * q (q int8); Q4_0: d * (nibble - 8); Q4_1: d * nibble + m. In the 4-bit types the
     low nibbles of the 16 bytes hold weights 0..15 of the block and the high nibbles 16..31.
     """
-    if type_name not in _BLOCK:
-        raise ValueError(f"GGUF tensor type {type_name} is not supported (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are)")
-    raw = torch.from_numpy(np.array(raw).reshape(-1, _BLOCK[type_name]))  # (n_blocks, bytes)
     if type_name == "Q8_0":
-        return (_f16(raw, 0) * raw[:, 2:].view(torch.int8).float()).flatten()
+        return _f16(raw, 0) * raw[:, 2:].view(torch.int8).float()
     qs = raw[:, -16:]
-    nibbles = torch.cat((qs & 0x0F, qs >> 4), dim=1).float()  # (n_blocks, 32)
+    nibbles = torch.cat((qs & 0x0F, qs >> 4), dim=1).float()  # (n, 32)
     if type_name == "Q4_0":
-        return (_f16(raw, 0) * (nibbles - 8)).flatten()
-    return (_f16(raw, 0) * nibbles + _f16(raw, 2)).flatten()
+        return _f16(raw, 0) * (nibbles - 8)
+    return _f16(raw, 0) * nibbles + _f16(raw, 2)
 
 
 class GGUFFile:
