@@ -17,6 +17,8 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # LLaMA 3.1+ frequency scaling: {factor, low_freq_factor, high_freq_factor, original_max_position_embeddings}
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -59,6 +61,7 @@ class ModelArgs:
             norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 10000.0),
             max_seq_len=params.get("max_seq_len", 2048),
+            rope_scaling=_llama3_scaling(params.get("rope_scaling_factor", 8.0)) if params.get("use_scaled_rope") else None,
         )
 
     @classmethod
@@ -81,6 +84,7 @@ class ModelArgs:
             rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_scaling=_hf_rope_scaling(cfg),
         )
 
     @classmethod
@@ -89,6 +93,9 @@ class ModelArgs:
         arch = meta.get("general.architecture")
         if arch != "llama":
             raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' is supported")
+        if "rope_freqs.weight" in tensor_names:
+            raise ValueError("GGUF with rope_freqs.weight (LLaMA 3.1 frequency factors) is not supported yet; "
+                             "load the HF or Meta checkpoint instead")
         vocab = meta.get("llama.vocab_size", n_vocab_tokens)
         return cls(
             dim=int(meta["llama.embedding_length"]),
@@ -102,3 +109,21 @@ class ModelArgs:
             max_seq_len=int(meta.get("llama.context_length", 2048)),
             tie_embeddings="output.weight" not in tensor_names,
         )
+
+
+def _llama3_scaling(factor: float, low: float = 1.0, high: float = 4.0, original: int = 8192) -> dict:
+    """Meta's apply_scaling constants for LLaMA 3.1 (factor 8) and 3.2 (factor 32)."""
+    return {"factor": float(factor), "low_freq_factor": float(low), "high_freq_factor": float(high),
+            "original_max_position_embeddings": int(original)}
+
+
+def _hf_rope_scaling(cfg: dict) -> dict | None:
+    """config.json rope_scaling (transformers 4) or rope_parameters (transformers 5)."""
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ValueError(f"config.json rope scaling {kind!r} is not supported (default and llama3 are)")
+    return _llama3_scaling(rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"],
+                           rs["original_max_position_embeddings"])

@@ -7,6 +7,8 @@ so adapter keys map one to one; q/k rows are in Meta's interleaved RoPE layout
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,9 +29,23 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """RoPE frequencies theta^(-2i/head_dim), with LLaMA 3.1's scaling of the long wavelengths if given."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    if not scaling:
+        return inv_freq
+    # Meta llama3.1 apply_scaling: wavelengths above original/low_freq_factor are divided by `factor`,
+    # those below original/high_freq_factor are kept, and the band between is interpolated
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return torch.where(wavelen < original / high, inv_freq, torch.where(wavelen > original / low, inv_freq / factor, scaled))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of shape positions.shape + (head_dim // 2,), computed in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
@@ -148,7 +164,8 @@ class Transformer(nn.Module):
         past = cache.pos if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T, device=tokens.device)[None, :]  # (1, T)
-        cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        a = self.args
+        cos, sin = rope_cos_sin(positions, rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, tokens.device))
         mask = self._mask(attention_mask, B, T, past, tokens.device)
         h = self.embed_tokens(tokens)
         for layer in self.layers:

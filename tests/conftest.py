@@ -120,6 +120,9 @@ def hf_config(params: dict, vocab: int, tie: bool) -> dict:
         "tie_word_embeddings": tie,
         "hidden_act": "silu",
         "torch_dtype": "float32",
+        **({"rope_scaling": {"rope_type": "llama3", "factor": params.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+           if params.get("use_scaled_rope") else {}),
     }
 
 

@@ -82,3 +82,29 @@ def test_padding_mask_matches_hf(case):
         alone = model(short[None])
     torch.testing.assert_close(got[0], case["expected"][0], **FP32)
     torch.testing.assert_close(got[1, 4:], alone[0], **FP32)
+
+
+LLAMA31 = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5, rope_theta=500000.0,
+               use_scaled_rope=True, rope_scaling_factor=8.0)
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_llama31_rope_scaling_far_positions(tmp_path, layout):
+    """LLaMA 3.1's scaled RoPE, from config.json rope_scaling and params.json use_scaled_rope. RoPE only sees
+    relative distances, so the positions are spread 1000 apart, where the scaled long wavelengths matter."""
+    sd = random_meta_state(LLAMA31, 50, tie=False)
+    write_hf(tmp_path / "hf", sd, LLAMA31, 50, tie=False)
+    write_meta(tmp_path / "meta", sd, dict(LLAMA31, vocab_size=50))
+    tokens = torch.randint(0, 50, (1, 9))
+    positions = torch.arange(0, 9000, 1000)[None]
+    ref_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(open_checkpoint(tmp_path / layout))
+    assert ours.args.rope_scaling["factor"] == 8.0
+    with torch.no_grad():
+        ref = ref_model(tokens, position_ids=positions).logits
+        got = ours(tokens, positions=positions)
+        unscaled = load_model(open_checkpoint(tmp_path / "hf"))
+        unscaled.args.rope_scaling = None
+        plain = unscaled(tokens, positions=positions)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert (plain - ref).abs().max() > 1e-2  # the scaling really changes these logits
