@@ -65,7 +65,8 @@ def load_model(
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if ckpt.args.tie_embeddings:
         expected.pop("lm_head.weight")
-    missing = [k for k in expected if k not in ckpt.names()]
+    available = set(ckpt.names())
+    missing = [k for k in expected if k not in available]
     if missing:
         raise ValueError(
             f"{ckpt.path}: {len(missing)} tensors missing for a {ckpt.args.n_layers}-layer model, "
