@@ -48,3 +48,12 @@ def test_loaded_base_is_frozen_and_typed(tmp_path):
     model = load_model(open_checkpoint(tmp_path / "hf"), "bf16")
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.lm_head.weight is model.embed_tokens.weight  # tied embeddings stay one tensor
+
+
+def test_qk_permutations_are_inverse_and_match_hf_script():
+    from conftest import hf_permute
+    from lora_core.checkpoint import hf_to_meta_rows, meta_to_hf_rows
+
+    w = torch.randn(3 * 10, 7)  # 3 heads of head_dim 10
+    assert torch.equal(meta_to_hf_rows(w, 3), hf_permute(w, 3))
+    assert torch.equal(hf_to_meta_rows(meta_to_hf_rows(w, 3), 3), w)
