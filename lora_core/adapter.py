@@ -1,0 +1,128 @@
+"""Adapters on disk in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+PEFT keys name HF modules ('base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight') and HF's
+q/k rows are permuted relative to our Meta layout, so lora_B of q_proj/k_proj is permuted on the way
+in and out. Our extras (base fingerprint, vocab size) ride in the safetensors metadata, which PEFT ignores.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import hf_to_meta_rows, meta_to_hf_rows
+from .lora import LoRALinear, apply_lora, lora_layers
+
+PEFT_PREFIX = "base_model.model.model."
+CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+
+
+def _row_heads(model: nn.Module, name: str) -> int | None:
+    """Heads whose RoPE rows differ between our layout and HF's (q_proj, k_proj), else None."""
+    if name.endswith("q_proj"):
+        return model.args.n_heads
+    if name.endswith("k_proj"):
+        return model.args.n_kv_heads
+    return None
+
+
+def _atomic_write(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", extras: dict | None = None) -> Path:
+    """Write the model's LoRA layers as a PEFT adapter; refuses an empty adapter and re-reads what it wrote."""
+    from safetensors.torch import load_file, save_file
+
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers: nothing to save (apply_lora first)")
+    ranks = {m.r for m in layers.values()}
+    alphas = {m.alpha for m in layers.values()}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ValueError(f"PEFT's format needs one r and alpha for all layers; found r={ranks}, alpha={alphas}")
+    tensors = {}
+    for name, m in layers.items():
+        b = m.lora_B.detach().float()
+        heads = _row_heads(model, name)
+        if heads is not None:
+            b = meta_to_hf_rows(b, heads)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    first = next(iter(layers.values()))
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_name),
+        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout, "bias": "none",
+        "target_modules": sorted({n.rpartition(".")[2] for n in layers}), "modules_to_save": None,
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"lora_core": json.dumps(extras or {})}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
+    _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
+    back = load_file(str(out / WEIGHTS_NAME))
+    if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k]) for k in tensors):
+        raise OSError(f"{out / WEIGHTS_NAME}: the adapter read back differs from what was written; check the disk")
+    return out
+
+
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(adapter_config, PEFT-named tensors, our extras) from a PEFT adapter directory."""
+    d = Path(adapter_dir)
+    cfg_path = d / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: malformed JSON ({e.msg} at line {e.lineno})") from e
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    extras = {}
+    if (d / WEIGHTS_NAME).is_file():
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                extras = json.loads((f.metadata() or {}).get("lora_core", "{}"))
+        except SafetensorError as e:
+            raise ValueError(f"{d / WEIGHTS_NAME}: corrupt or truncated ({e}); retrain or re-copy the adapter") from e
+    elif (d / LEGACY_WEIGHTS_NAME).is_file():
+        tensors = torch.load(d / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{d}: no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME}")
+    if not any(".lora_A" in k for k in tensors):
+        raise ValueError(f"{d}: the adapter holds no LoRA tensors (an empty adapter file); retrain it")
+    return config, tensors, extras
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
+    """Apply a PEFT LoRA adapter (ours or PEFT's) to the model, unmerged; returns our extras."""
+    config, tensors, extras = read_adapter(adapter_dir)
+    if config.get("use_rslora") or config.get("use_dora"):
+        raise ValueError(f"{adapter_dir}: rsLoRA/DoRA adapters are not supported")
+    apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
+               dropout=config.get("lora_dropout", 0.0))
+    layers = lora_layers(model)
+    for name, m in layers.items():
+        key = f"{PEFT_PREFIX}{name}"
+        a, b = (tensors.get(f"{key}.lora_{x}.weight", tensors.get(f"{key}.lora_{x}.default.weight")) for x in "AB")
+        if a is None or b is None:
+            raise ValueError(f"{adapter_dir}: no lora_A/lora_B for {name}; the adapter was trained on another model")
+        if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
+            raise ValueError(f"{adapter_dir}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; this base needs "
+                             f"{tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}: the adapter was trained on another base")
+        heads = _row_heads(model, name)
+        b = hf_to_meta_rows(b.float(), heads) if heads is not None else b.float()
+        with torch.no_grad():
+            m.lora_A.copy_(a.float())
+            m.lora_B.copy_(b)
+    return extras

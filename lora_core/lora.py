@@ -1,0 +1,120 @@
+"""Our LoRA layers: y = base(x) + (alpha / r) * B(A(dropout(x))), swapped in for the model's Linear layers.
+
+The base layer (dense or int8) stays frozen; A and B are kept in fp32 whatever the base dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# names users know (HF) and Meta's names for the same layers
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+META_ALIASES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj",
+                "w2": "down_proj"}
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be positive, got {r}")
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha = r, alpha
+        self.scale = alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32))  # (out, r)
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default, as PEFT does
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        for p in base.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r)
+        return y + (h @ self.lora_B.t() * self.scale).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) * B @ A in fp32: (out, in)."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into a float base weight; a second merge is refused, never applied twice."""
+        if self.merged:
+            raise RuntimeError("this LoRA layer is already merged; unmerge() first")
+        w = self._float_base_weight()
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            raise RuntimeError("this LoRA layer is not merged")
+        w = self._float_base_weight()
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def _float_base_weight(self) -> torch.Tensor:
+        w = getattr(self.base, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise ValueError("merging needs a float base layer; export merges from the original checkpoint instead")
+        return w
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def parse_targets(targets: str | list[str]) -> list[str]:
+    """'q_proj,v_proj', Meta's 'wq,wv', or 'all' -> our layer names."""
+    names = targets.split(",") if isinstance(targets, str) else list(targets)
+    out = []
+    for n in (n.strip() for n in names if n.strip()):
+        if n == "all":
+            out.extend(TARGETS)
+        elif n in TARGETS or n in META_ALIASES:
+            out.append(META_ALIASES.get(n, n))
+        else:
+            raise ValueError(f"unknown LoRA target {n!r}; choose from {', '.join(TARGETS)}, Meta's wq..w3, or all")
+    return list(dict.fromkeys(out))
+
+
+def apply_lora(model: nn.Module, targets, r: int = 8, alpha: float = 16, dropout: float = 0.0) -> list[str]:
+    """Wrap every targeted Linear of the model in a LoRALinear; returns the wrapped module names."""
+    wanted = set(parse_targets(targets))
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        leaf = name.rpartition(".")[2]
+        if leaf in wanted and not isinstance(module, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(module, r, alpha, dropout))
+            wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"no layer of the model matches the LoRA targets {sorted(wanted)}")
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def mark_only_lora_trainable(model: nn.Module, modules_to_save: tuple[str, ...] = ()):
+    """requires_grad on LoRA A/B (and fully trained modules such as embed_tokens / lm_head), off elsewhere."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(("lora_A", "lora_B")) or name.split(".")[0] in modules_to_save)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Just the LoRA tensors, under our module names ('layers.0.self_attn.q_proj.lora_A')."""
+    return {n: p.detach() for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+
+
+def set_merged(model: nn.Module, merged: bool):
+    for layer in lora_layers(model).values():
+        if layer.merged != merged:
+            layer.merge() if merged else layer.unmerge()

@@ -1,0 +1,93 @@
+"""LoRA invariants against plain-torch formulas."""
+import pytest
+import torch
+from torch import nn
+
+from lora_core import ModelArgs, Transformer
+from lora_core.lora import LoRALinear, apply_lora, lora_state_dict, mark_only_lora_trainable, parse_targets, set_merged
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(dim=48, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=61, hidden_dim=72)).eval()
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (3, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_b_zero_is_exactly_the_base(shape, dtype):
+    base = nn.Linear(37, 23, bias=False).to(dtype)
+    layer = LoRALinear(base, r=4, alpha=8)
+    x = torch.randn(*shape, 37, dtype=dtype)
+    assert torch.equal(layer(x), base(x))
+    assert layer.lora_A.dtype == torch.float32 and layer.lora_B.dtype == torch.float32
+
+
+def test_forward_and_merge_formula():
+    base = nn.Linear(37, 23, bias=False)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=5, alpha=11)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(4, 37)
+    expected_w = w0 + (11 / 5) * layer.lora_B.detach() @ layer.lora_A.detach()
+    torch.testing.assert_close(layer(x), x @ expected_w.t(), atol=1e-5, rtol=1e-5)
+    layer.merge()
+    torch.testing.assert_close(base.weight.detach(), expected_w, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer(x), x @ expected_w.t(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(base.weight.detach(), w0, atol=1e-6, rtol=1e-6)
+
+
+def test_only_lora_gets_gradients():
+    model = tiny_model()
+    apply_lora(model, "all", r=4, alpha=8)
+    mark_only_lora_trainable(model)
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            nn.init.normal_(layer.lora_B)
+    model(torch.randint(0, 61, (2, 9))).sum().backward()
+    for name, p in model.named_parameters():
+        is_lora = name.endswith(("lora_A", "lora_B"))
+        assert (p.grad is not None) == is_lora, name
+    assert set(lora_state_dict(model)) == {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+
+
+def test_lora_gradient_equals_autograd_of_formula():
+    base = nn.Linear(13, 9, bias=False)
+    layer = LoRALinear(base, r=3, alpha=6)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 13)
+    layer(x).square().sum().backward()
+    A = layer.lora_A.detach().clone().requires_grad_()
+    B = layer.lora_B.detach().clone().requires_grad_()
+    (x @ (base.weight.detach() + 2.0 * B @ A).t()).square().sum().backward()
+    torch.testing.assert_close(layer.lora_A.grad, A.grad)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad)
+
+
+def test_targets():
+    assert parse_targets("q_proj,v_proj") == ["q_proj", "v_proj"]
+    assert parse_targets("wq,wv,w2") == ["q_proj", "v_proj", "down_proj"]
+    assert len(parse_targets("all")) == 7
+    with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
+        parse_targets("qkv")
+    model = tiny_model()
+    assert apply_lora(model, "q_proj,v_proj") == [f"layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+
+
+def test_model_merge_unmerge_round_trip():
+    model = tiny_model()
+    apply_lora(model, "all", r=4, alpha=16)
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randint(0, 61, (1, 8))
+    with torch.no_grad():
+        unmerged = model(x)
+        set_merged(model, True)
+        merged = model(x)
+        set_merged(model, False)
+        again = model(x)
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=1e-5)
