@@ -28,6 +28,16 @@ def hf_model(path):
     return transformers.LlamaForCausalLM.from_pretrained(path).eval()
 
 
+def adapted_model(hf_dir, targets, r, alpha):
+    """Our model from hf_dir with LoRA whose B is random, so the adapter changes the output."""
+    model = load_model(open_checkpoint(hf_dir))
+    apply_lora(model, targets, r=r, alpha=alpha)
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.2)
+    return model
+
+
 TOKENS = torch.randint(0, 80, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
@@ -50,11 +60,7 @@ def test_peft_adapter_loads_in_ours(hf_dir, tmp_path):
 
 
 def test_our_adapter_loads_in_peft(hf_dir, tmp_path):
-    ours = load_model(open_checkpoint(hf_dir))
-    apply_lora(ours, "all", r=8, alpha=16)
-    for m in ours.modules():
-        if isinstance(m, LoRALinear):
-            nn.init.normal_(m.lora_B, std=0.2)
+    ours = adapted_model(hf_dir, "all", r=8, alpha=16)
     save_adapter(ours, tmp_path / "ad", base_name=str(hf_dir), extras={"vocab_size": 80})
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and sorted(cfg["target_modules"]) == sorted(TARGETS)
@@ -67,11 +73,7 @@ def test_our_adapter_loads_in_peft(hf_dir, tmp_path):
 def test_legacy_bin_adapter(hf_dir, tmp_path):
     from safetensors.torch import load_file
 
-    ours = load_model(open_checkpoint(hf_dir))
-    apply_lora(ours, "q_proj,v_proj", r=4, alpha=8)
-    for m in ours.modules():
-        if isinstance(m, LoRALinear):
-            nn.init.normal_(m.lora_B, std=0.2)
+    ours = adapted_model(hf_dir, "q_proj,v_proj", r=4, alpha=8)
     save_adapter(ours, tmp_path / "ad")
     (tmp_path / "ad" / "adapter_model.safetensors").rename(tmp_path / "st")
     torch.save(load_file(tmp_path / "st"), tmp_path / "ad" / "adapter_model.bin")
