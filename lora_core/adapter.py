@@ -13,20 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import hf_to_meta_rows, meta_to_hf_rows
+from .checkpoint import hf_to_meta_rows, meta_to_hf_rows, rope_heads
 from .lora import LoRALinear, apply_lora, lora_layers
 
 PEFT_PREFIX = "base_model.model.model."
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
-
-
-def _row_heads(model: nn.Module, name: str) -> int | None:
-    """Heads whose RoPE rows differ between our layout and HF's (q_proj, k_proj), else None."""
-    if name.endswith("q_proj"):
-        return model.args.n_heads
-    if name.endswith("k_proj"):
-        return model.args.n_kv_heads
-    return None
 
 
 def _atomic_write(path: Path, write):
@@ -49,7 +40,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", ext
     tensors = {}
     for name, m in layers.items():
         b = m.lora_B.detach().float()
-        heads = _row_heads(model, name)
+        heads = rope_heads(model.args, name)
         if heads is not None:
             b = meta_to_hf_rows(b, heads)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
@@ -120,7 +111,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
         if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
             raise ValueError(f"{adapter_dir}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; this base needs "
                              f"{tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}: the adapter was trained on another base")
-        heads = _row_heads(model, name)
+        heads = rope_heads(model.args, name)
         b = hf_to_meta_rows(b.float(), heads) if heads is not None else b.float()
         with torch.no_grad():
             m.lora_A.copy_(a.float())

@@ -59,6 +59,16 @@ def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(out_dim, dim)
 
 
+def rope_heads(args: ModelArgs, module: str) -> int | None:
+    """Heads of a layer whose output rows are RoPE-permuted between Meta's and HF's layouts, else None."""
+    module = module.removesuffix(".weight")
+    if module.endswith("q_proj"):
+        return args.n_heads
+    if module.endswith("k_proj"):
+        return args.n_kv_heads
+    return None
+
+
 def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The permutation convert_llama_weights_to_hf.py applies (inverse of hf_to_meta_rows)."""
     out_dim, dim = w.shape
@@ -124,8 +134,8 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         t = self._read(self._names[name])
-        if self.fmt == "hf" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = self.args.n_heads if "q_proj" in name else self.args.n_kv_heads
+        heads = rope_heads(self.args, name)
+        if self.fmt == "hf" and heads is not None:
             t = hf_to_meta_rows(t, heads)
         return t
 

@@ -103,15 +103,19 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def is_lora_param(name: str) -> bool:
+    return name.endswith(("lora_A", "lora_B"))
+
+
 def mark_only_lora_trainable(model: nn.Module, modules_to_save: tuple[str, ...] = ()):
     """requires_grad on LoRA A/B (and fully trained modules such as embed_tokens / lm_head), off elsewhere."""
     for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(("lora_A", "lora_B")) or name.split(".")[0] in modules_to_save)
+        p.requires_grad_(is_lora_param(name) or name.split(".")[0] in modules_to_save)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Just the LoRA tensors, under our module names ('layers.0.self_attn.q_proj.lora_A')."""
-    return {n: p.detach() for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    return {n: p.detach() for n, p in model.named_parameters() if is_lora_param(n)}
 
 
 def set_merged(model: nn.Module, merged: bool):
