@@ -25,8 +25,12 @@ def check_tokenizer_fits(tokenizer: Tokenizer, args: ModelArgs, weights: Path):
 
 
 def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | Path | None = None,
-         progress: bool = False) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name."""
+         adapter: str | Path | None = None, progress: bool = False) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name.
+
+    dtype "int8" quantizes the seven projection layers of every block while loading (the rest stays
+    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged.
+    """
     ckpt = open_checkpoint(resolve_base(base))
     if tokenizer is None and isinstance(ckpt, GGUFCheckpoint):
         tok = tokenizer_from_gguf(ckpt.file)
@@ -37,4 +41,14 @@ def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | 
     else:
         tok = load_tokenizer(tokenizer or ckpt.tokenizer_path)
     check_tokenizer_fits(tok, ckpt.args, ckpt.path)
-    return load_model(ckpt, dtype, progress=progress), tok
+    if dtype == "int8":
+        from .quant import quantize_on_load
+
+        model = load_model(ckpt, "fp32", hook=quantize_on_load, progress=progress)
+    else:
+        model = load_model(ckpt, dtype, progress=progress)
+    if adapter is not None:
+        from .adapter import load_adapter
+
+        load_adapter(model, adapter)
+    return model, tok

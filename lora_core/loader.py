@@ -45,7 +45,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)} (or int8 through lora_core.load)")
     return DTYPES[dtype]
 
 

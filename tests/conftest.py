@@ -1,12 +1,17 @@
 """Shared fixtures: paths to ../shared, the embedded SmolLM2 base, tiny random checkpoints."""
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# no GPU here, ever: Triton kernels run in its interpreter, which must be chosen before triton is imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
