@@ -14,10 +14,15 @@ import torch
 from torch import nn
 
 from .checkpoint import hf_to_meta_rows, meta_to_hf_rows, rope_heads
-from .lora import LoRALinear, apply_lora, lora_layers
+from .lora import apply_lora, enable_modules_to_save, lora_layers
 
 PEFT_PREFIX = "base_model.model.model."
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+
+
+def _saved_module_key(name: str) -> str:
+    """PEFT's key for a modules_to_save weight: lm_head sits beside the inner model, the rest inside it."""
+    return f"base_model.model.{name}.weight" if name == "lm_head" else f"{PEFT_PREFIX}{name}.weight"
 
 
 def _atomic_write(path: Path, write):
@@ -26,8 +31,12 @@ def _atomic_write(path: Path, write):
     os.replace(tmp, path)
 
 
-def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", extras: dict | None = None) -> Path:
-    """Write the model's LoRA layers as a PEFT adapter; refuses an empty adapter and re-reads what it wrote."""
+def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", extras: dict | None = None,
+                 modules_to_save: tuple[str, ...] = ()) -> Path:
+    """Write the model's LoRA layers (and fully trained modules) as a PEFT adapter.
+
+    Refuses an adapter with no LoRA tensors and re-reads what it wrote.
+    """
     from safetensors.torch import load_file, save_file
 
     layers = lora_layers(model)
@@ -45,12 +54,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", ext
             b = meta_to_hf_rows(b, heads)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    for name in modules_to_save:
+        tensors[_saved_module_key(name)] = model.get_submodule(name).weight.detach().contiguous()
     first = next(iter(layers.values()))
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_name),
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout, "bias": "none",
-        "target_modules": sorted({n.rpartition(".")[2] for n in layers}), "modules_to_save": None,
+        "target_modules": sorted({n.rpartition(".")[2] for n in layers}), "modules_to_save": list(modules_to_save) or None,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
     }
     out = Path(out_dir)
@@ -98,8 +109,8 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     """Apply a PEFT LoRA adapter (ours or PEFT's) to the model, unmerged; returns our extras."""
     config, tensors, extras = read_adapter(adapter_dir)
-    if config.get("use_rslora") or config.get("use_dora"):
-        raise ValueError(f"{adapter_dir}: rsLoRA/DoRA adapters are not supported")
+    if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-layer rank/alpha patterns are not supported")
     apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
                dropout=config.get("lora_dropout", 0.0))
     layers = lora_layers(model)
@@ -116,4 +127,12 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
         with torch.no_grad():
             m.lora_A.copy_(a.float())
             m.lora_B.copy_(b)
+    for name in enable_modules_to_save(model, config.get("modules_to_save") or []):
+        weight = tensors.get(_saved_module_key(name))
+        target = model.get_submodule(name).weight
+        if weight is None or weight.shape != target.shape:
+            raise ValueError(f"{adapter_dir}: modules_to_save {name!r} is missing or has the wrong shape "
+                             f"({None if weight is None else tuple(weight.shape)} vs {tuple(target.shape)})")
+        with torch.no_grad():
+            target.copy_(weight.float())
     return extras

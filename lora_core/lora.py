@@ -103,6 +103,23 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def enable_modules_to_save(model: nn.Module, names) -> list[str]:
+    """Give fully trained modules (embed_tokens, lm_head) their own trainable fp32 copy of the weights.
+
+    A copy, as PEFT makes one: the loaded base may be a read-only memory map, and a tied embedding
+    becomes two independent tensors once either side is trained.
+    """
+    names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"modules_to_save: the model has no module {name!r} (embed_tokens and lm_head are usual)") from None
+        for pname, p in list(module.named_parameters(recurse=False)):
+            setattr(module, pname, nn.Parameter(p.detach().float().clone(), requires_grad=True))
+    return names
+
+
 def is_lora_param(name: str) -> bool:
     return name.endswith(("lora_A", "lora_B"))
 

@@ -95,3 +95,23 @@ def test_empty_adapter_refused(hf_dir, tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "empty" / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="holds no LoRA tensors"):
         load_adapter(ours, tmp_path / "empty")
+
+
+def test_modules_to_save_round_trip_with_peft(hf_dir, tmp_path):
+    """embed_tokens and lm_head trained in full: PEFT -> ours and ours -> PEFT."""
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"])
+    ref = peft.get_peft_model(hf_model(hf_dir), cfg)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    ref.save_pretrained(tmp_path / "peft")
+    ours = load_model(open_checkpoint(hf_dir))
+    load_adapter(ours, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS), ref(TOKENS).logits, atol=3e-5, rtol=1e-5)
+    save_adapter(ours, tmp_path / "ours", modules_to_save=("lm_head", "embed_tokens"))
+    back = peft.PeftModel.from_pretrained(hf_model(hf_dir), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(TOKENS).logits, ref(TOKENS).logits, atol=3e-5, rtol=1e-5)

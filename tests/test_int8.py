@@ -143,3 +143,27 @@ def test_smollm2_int8_perplexity_within_two_percent(smollm2, smollm2_path):
     prompt = tok.encode("The capital of France is")
     with torch.no_grad():
         assert model(torch.tensor([prompt]))[0, -1].argmax() == int8(torch.tensor([prompt]))[0, -1].argmax()
+
+
+def test_load_int8_with_adapter(smollm2, smollm2_path, tmp_path):
+    """load(dtype="int8", adapter=...) puts exactly the saved LoRA tensors over the int8 base."""
+    import lora_core
+    from lora_core.adapter import save_adapter
+    from lora_core.lora import apply_lora, lora_state_dict
+
+    donor, tok = lora_core.load(smollm2_path)
+    apply_lora(donor, "q_proj,v_proj", r=4, alpha=8)
+    torch.manual_seed(0)
+    for m in donor.modules():
+        if isinstance(m, LoRALinear):
+            nn.init.normal_(m.lora_B, std=0.05)
+    save_adapter(donor, tmp_path / "ad", base_name="smollm2-135m")
+    model, _ = lora_core.load(smollm2_path, dtype="int8", adapter=tmp_path / "ad")
+    assert isinstance(model.layers[0].self_attn.q_proj, LoRALinear)
+    assert isinstance(model.layers[0].self_attn.q_proj.base, Int8Linear)
+    ours, theirs = lora_state_dict(model), lora_state_dict(donor)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    base8, _ = lora_core.load(smollm2_path, dtype="int8")
+    x = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        assert (model(x) - base8(x)).abs().max() > 0.5  # the adapter changes the int8 model's output

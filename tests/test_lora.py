@@ -91,3 +91,20 @@ def test_model_merge_unmerge_round_trip():
         again = model(x)
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(again, unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_modules_to_save_are_trainable_copies():
+    from lora_core.lora import enable_modules_to_save
+
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=48, n_layers=1, n_heads=6, vocab_size=61, hidden_dim=72, tie_embeddings=True))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = model.embed_tokens.weight
+    apply_lora(model, "q_proj")
+    enable_modules_to_save(model, "lm_head")
+    mark_only_lora_trainable(model, ("lm_head",))
+    assert model.lm_head.weight is not before and torch.equal(model.lm_head.weight, before)
+    assert model.lm_head.weight.requires_grad and not model.embed_tokens.weight.requires_grad
+    with pytest.raises(ValueError, match="no module 'lm_heads'"):
+        enable_modules_to_save(model, ["lm_heads"])
