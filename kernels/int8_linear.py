@@ -26,13 +26,12 @@ def ops_for(x: torch.Tensor, backend: str = "auto"):
     return cpu
 
 
-class Int8LinearFunction(torch.autograd.Function):
-    """Activations quantized per row on the fly; the weight gets no gradient, the input does."""
-
-    @staticmethod
-    def forward(ctx, x, qweight, scale, bias, backend, threshold):
-        ops = ops_for(x, backend)
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+def _forward(x, qweight, scale, bias, backend, threshold) -> torch.Tensor:
+    ops = ops_for(x, backend)
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if ops is cpu and cpu.weight_only_applies(x2):  # decoding: see kernels/cpu.py
+        y = cpu.weight_only_matmul(x2, qweight, scale, bias)
+    else:
         outliers = (x2.abs() > threshold).any(0).nonzero().squeeze(1) if threshold > 0 else x2.new_empty(0)
         if outliers.numel():
             x_out = x2[:, outliers].float()  # (M, n_outliers), kept in float
@@ -41,10 +40,17 @@ class Int8LinearFunction(torch.autograd.Function):
         y = ops.int8_matmul(qx, sx, qweight, scale, bias, out_dtype=torch.float32)  # (M, N)
         if outliers.numel():
             y.addmm_(x_out, (qweight[:, outliers].float() * scale[:, None]).t())
-        y = y.to(x.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+class Int8LinearFunction(torch.autograd.Function):
+    """Activations quantized per row on the fly; the weight gets no gradient, the input does."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, scale, bias, backend, threshold):
         ctx.save_for_backward(qweight, scale)
         ctx.backend, ctx.x_shape, ctx.x_dtype = backend, x.shape, x.dtype
-        return y.reshape(*x.shape[:-1], qweight.shape[0])
+        return _forward(x, qweight, scale, bias, backend, threshold)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -58,5 +64,10 @@ class Int8LinearFunction(torch.autograd.Function):
 
 
 def int8_linear(x, qweight, scale, bias=None, backend: str = "auto", threshold: float = OUTLIER_THRESHOLD):
-    """x (..., K) @ dequant(qweight (N, K), scale (N,))^T + bias -> (..., N) in x's dtype."""
-    return Int8LinearFunction.apply(x, qweight, scale, bias, backend, threshold)
+    """x (..., K) @ dequant(qweight (N, K), scale (N,))^T + bias -> (..., N) in x's dtype.
+
+    Goes through autograd only when x needs a gradient (LoRA training); decoding skips its overhead.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return Int8LinearFunction.apply(x, qweight, scale, bias, backend, threshold)
+    return _forward(x, qweight, scale, bias, backend, threshold)

@@ -167,3 +167,16 @@ def test_load_int8_with_adapter(smollm2, smollm2_path, tmp_path):
     x = torch.tensor([tok.encode("The capital of France is")])
     with torch.no_grad():
         assert (model(x) - base8(x)).abs().max() > 0.5  # the adapter changes the int8 model's output
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 64, 50), (5, 576, 77), (7, 96, 129)])
+def test_cpu_decode_path_is_weight_only(M, K, N):
+    """Few rows take the weight-only kernel: close to the dequantized float linear, activations unquantized."""
+    x, w, b = data(M, K, N)
+    assert cpu.weight_only_applies(x)
+    layer = Int8Linear.from_float(w)
+    exact = x @ layer.dequantize().t() + b
+    got = int8_linear(x, layer.qweight, layer.scale, b)
+    torch.testing.assert_close(got, cpu.weight_only_matmul(x, layer.qweight, layer.scale, b))
+    assert ((got - exact).norm() / exact.norm()) < 5e-3  # bf16 rounding of the activations only
+    assert not cpu.weight_only_applies(torch.zeros(8, K)) and not cpu.weight_only_applies(torch.zeros(1, 40))
