@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelArgs
 
@@ -139,6 +140,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # activation checkpointing: keep only each block's input, recompute the block during backward
+        self.gradient_checkpointing = False
         self.tie_weights()
 
     def tie_weights(self):
@@ -168,8 +171,12 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(positions, rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, tokens.device))
         mask = self._mask(attention_mask, B, T, past, tokens.device)
         h = self.embed_tokens(tokens)
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache)
+            if recompute:
+                h = checkpoint(layer, h, cos, sin, mask, None, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.norm(h)).float()
