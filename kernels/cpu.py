@@ -16,8 +16,7 @@ import functools
 
 import torch
 
-QMAX = 127.0
-EPS = 1e-8
+from .reference import EPS, QMAX  # the one definition of the quantization grid
 SMALL_M = 8  # below this many rows the weight-only kernel is faster (tests/benchmarks/test_int8_kernels.py)
 WEIGHT_ONLY_K = 32  # _weight_int8pack_mm returns garbage unless K is a multiple of this (seen for K=37, 40)
 BACKWARD_ROWS = 1024  # rows of W dequantized at once in the backward pass (1024 x 4096 fp32 = 16 MiB)
