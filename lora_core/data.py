@@ -1,0 +1,223 @@
+"""Instruction data: alpaca records and Chinese-Vicuna chats, prompt templates, labels with the
+prompt masked, EOS always learned, and bad records reported by file and line."""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IGNORE = -100  # label of tokens that are not trained on (PyTorch cross_entropy's ignore_index)
+
+
+@dataclass(frozen=True)
+class Template:
+    """alpaca-lora's template format; chat templates add a preamble and per-turn wrappers."""
+
+    name: str
+    prompt_input: str = ""
+    prompt_no_input: str = ""
+    response_split: str = "### Response:"
+    chat_pre: str = ""
+    chat_turn: str = "User:{input}\n\nAssistant:"  # the user's turn, up to where the assistant answers
+    chat_sep: str = "\n\n"  # after each assistant answer
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        if input:
+            return self.prompt_input.format(instruction=instruction, input=input)
+        return self.prompt_no_input.format(instruction=instruction)
+
+
+# alpaca-lora's templates/alpaca.json and alpaca_short.json, word for word
+ALPACA = Template(
+    "alpaca",
+    prompt_input="Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n"
+    "{input}\n\n### Response:\n",
+    prompt_no_input="Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+)
+ALPACA_SHORT = Template(
+    "alpaca_short",
+    prompt_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+    prompt_no_input="### Instruction:\n{instruction}\n\n### Response:\n",
+)
+# Chinese-Vicuna's chat prompt (chat_prompt in its prompt.py); alpaca records use the alpaca wording
+VICUNA_CHAT = Template(
+    "vicuna_chat",
+    prompt_input=ALPACA.prompt_input,
+    prompt_no_input=ALPACA.prompt_no_input,
+    response_split="Assistant:",
+    chat_pre="The following is a conversation between an AI assistant called Assistant and a human user called User. "
+    "The assistant is intelligent, knowledgeable and polite to answer questions of user.\n\n",
+)
+TEMPLATES = {t.name: t for t in (ALPACA, ALPACA_SHORT, VICUNA_CHAT)}
+
+
+def load_template(name_or_path: str) -> Template:
+    """A built-in name, or a JSON file in alpaca-lora's format (prompt_input, prompt_no_input, response_split)."""
+    if name_or_path in TEMPLATES:
+        return TEMPLATES[name_or_path]
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"template {name_or_path!r}: not one of {', '.join(TEMPLATES)} and no such file")
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        return Template(path.stem, spec["prompt_input"], spec["prompt_no_input"], spec.get("response_split", "### Response:"))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a template ({type(e).__name__}: {e}); it needs prompt_input and "
+                         "prompt_no_input strings with {instruction} and {input}") from e
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_targets(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+@dataclass
+class DataReport:
+    """What happened to the records: kept, truncated, dropped, and why."""
+
+    kept: int = 0
+    truncated: int = 0
+    dropped_too_long: int = 0
+    bad: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{self.kept} examples kept, {self.truncated} truncated to the cutoff, {self.dropped_too_long} dropped "
+                f"(prompt fills the cutoff), {len(self.bad)} bad records skipped")
+
+
+def read_records(path: str | Path) -> list[tuple[str, dict | object]]:
+    """(where, record) pairs from a JSON list or JSON lines; `where` is 'file:line' for the messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file or convert it to JSON lines") from e
+        return [(f"{path}:record {i + 1}", r) for i, r in enumerate(rows)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{path}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((f"{path}:{lineno}", ValueError(f"not JSON ({e.msg})")))
+    return out
+
+
+def segments_of(record, template: Template) -> list[tuple[str, bool]]:
+    """(text, supervised) pieces of one record; raises ValueError with what is wrong."""
+    if isinstance(record, Exception):
+        raise record
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    if isinstance(record.get("input"), list):  # Chinese-Vicuna chat: one output per user turn
+        turns, answers = record["input"], record.get("output")
+        if not isinstance(answers, list) or len(answers) != len(turns) or not turns:
+            raise ValueError("a chat record needs 'input' and 'output' lists of the same, non-zero length")
+        if not all(isinstance(t, str) for t in turns + answers):
+            raise ValueError("chat turns must be strings")
+        pieces = []
+        for i, (user, answer) in enumerate(zip(turns, answers)):
+            lead = (template.chat_pre if i == 0 else template.chat_sep) + template.chat_turn.format(input=user)
+            pieces += [(lead, False), (answer, True)]
+        return pieces
+    instruction, inp, output = record.get("instruction"), record.get("input", ""), record.get("output")
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError("missing or empty 'instruction' string")
+    if inp is None:
+        inp = ""
+    if not isinstance(inp, str):
+        raise ValueError(f"'input' must be a string, got {type(inp).__name__}")
+    if not isinstance(output, str) or not output.strip():
+        raise ValueError("missing or empty 'output' string")
+    return [(template.prompt(instruction, inp), False), (output, True)]
+
+
+def encode_segments(segments, tokenizer, cutoff_len: int, train_on_inputs: bool) -> tuple[Example | None, bool]:
+    """Token ids of the whole text with labels; EOS appended and learned, room kept for it when truncating.
+
+    The text is tokenized whole (so ids equal what inference sees); segment boundaries are found by
+    tokenizing each prefix of the text, as alpaca-lora did for its prompt. Returns (example or None if
+    no target token survives the cutoff, whether it was truncated).
+    """
+    text = "".join(t for t, _ in segments)
+    ids = tokenizer.encode(text)
+    labels = list(ids)
+    end, start_tok = 0, 0
+    for piece, supervised in segments:
+        end += len(piece)
+        stop_tok = len(tokenizer.encode(text[:end])) if end < len(text) else len(ids)
+        if not supervised and not train_on_inputs:
+            labels[start_tok:stop_tok] = [IGNORE] * (stop_tok - start_tok)
+        start_tok = stop_tok
+    truncated = len(ids) + 1 > cutoff_len
+    ids, labels = ids[:cutoff_len - 1] + [tokenizer.eos_id], labels[:cutoff_len - 1] + [tokenizer.eos_id]
+    if all(label == IGNORE for label in labels[:-1]) and not train_on_inputs:
+        return None, truncated  # the prompt fills the cutoff: only a lone EOS would be learned
+    return Example(ids, labels), truncated
+
+
+def load_examples(paths, tokenizer, template: Template, cutoff_len: int = 256, train_on_inputs: bool = False,
+                  strict: bool = False) -> tuple[list[Example], DataReport]:
+    """Every record of every file, encoded; bad records skipped and counted (or fatal with strict)."""
+    if tokenizer.eos_id is None:
+        raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token; training could never learn to stop")
+    report, examples = DataReport(), []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        for where, record in read_records(path):
+            try:
+                segments = segments_of(record, template)
+            except ValueError as e:
+                if strict:
+                    raise ValueError(f"{where}: {e} (drop --strict to skip bad records)") from None
+                report.bad.append(f"{where}: {e}")
+                continue
+            example, truncated = encode_segments(segments, tokenizer, cutoff_len, train_on_inputs)
+            report.truncated += truncated
+            if example is None:
+                report.dropped_too_long += 1
+            else:
+                examples.append(example)
+    report.kept = len(examples)
+    if not examples:
+        raise ValueError(f"no usable examples in {paths}: {report.summary()}")
+    return examples, report
+
+
+def split_validation(examples: list[Example], val_size: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """A count (>= 1) or a fraction (< 1) of the examples, chosen with the seed, held out for evaluation."""
+    n = int(val_size) if val_size >= 1 else int(round(val_size * len(examples)))
+    if n <= 0:
+        return examples, []
+    if n >= len(examples):
+        raise ValueError(f"--val-size {val_size} leaves no training examples out of {len(examples)}; lower it")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+def show_example(example: Example, tokenizer) -> str:
+    """The example as the model sees it, with the masked (not trained) part in [[...]]."""
+    out, run, masked = [], [], None
+    for tok_id, label in zip(example.input_ids + [None], example.labels + [None]):
+        is_masked = label == IGNORE
+        if tok_id is None or (run and is_masked != masked):
+            text = tokenizer.decode(run)
+            out.append(f"[[{text}]]" if masked else text)
+            run = []
+        run.append(tok_id)
+        masked = is_masked
+    return "".join(out)
