@@ -76,7 +76,8 @@ class Example:
 
     @property
     def n_targets(self) -> int:
-        return sum(label != IGNORE for label in self.labels)
+        """Tokens the loss is taken on: labels after the first position (nothing predicts position 0)."""
+        return sum(label != IGNORE for label in self.labels[1:])
 
 
 @dataclass

@@ -88,3 +88,14 @@ def load_model(
     left = [n for n, p in model.named_parameters() if p.is_meta]
     assert not left, f"parameters never loaded: {left[:3]}"
     return model.eval()
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """A short id of the base weights: the shape and the first embedding rows (rounded to bf16, so fp32,
+    bf16 and int8 loads of one checkpoint agree). Adapters record it; generate and export check it."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True).encode())
+    h.update(model.embed_tokens.weight[:16].detach().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,50 @@
+"""Training checkpoints: adapter + optimizer + RNG + step, written to a temporary directory and renamed
+only when complete, so an interrupted run always resumes from a whole checkpoint."""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from .adapter import load_adapter, save_adapter
+
+STATE_NAME = "trainer_state.pt"
+
+
+def save_checkpoint(dirpath: Path, model, optimizer, step: int, modules_to_save, keep: int, extras: dict):
+    """checkpoints/step-NNNNNN, complete or absent; older ones beyond `keep` are removed."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    final = dirpath / f"step-{step:07d}"
+    tmp = dirpath / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, extras=extras, modules_to_save=tuple(modules_to_save))
+    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+             "python_rng": random.getstate()}
+    torch.save(state, tmp / STATE_NAME)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(dirpath.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(dirpath: Path) -> Path | None:
+    done = sorted(p for p in dirpath.glob("step-*") if (p / STATE_NAME).is_file())
+    return done[-1] if done else None
+
+
+def restore_checkpoint(path: Path, model, make_optimizer) -> tuple[int, torch.optim.Optimizer]:
+    """Apply the checkpoint's adapter to the (LoRA-free) model, rebuild the optimizer, restore RNG states."""
+    load_adapter(model, path)
+    optimizer = make_optimizer()
+    try:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path / STATE_NAME}: unreadable ({e}); delete this checkpoint to resume from the one before") from e
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"], optimizer
