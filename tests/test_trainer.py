@@ -1,0 +1,125 @@
+"""The training loop: accumulation equals one big batch, schedule, exact resume after SIGKILL,
+data parallel equals one process, outputs on disk."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import DATA, ROOT, TOKENIZERS, need_shared, random_meta_state, write_hf
+from lora_core.data import ALPACA, load_examples
+from lora_core.lora import LoRALinear, apply_lora, mark_only_lora_trainable
+from lora_core.trainer import TrainConfig, accumulate_gradients, lr_at
+
+PARAMS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random LLaMA in HF layout with LLaMA-2's real tokenizer beside it (copied to a temp dir)."""
+    d = tmp_path_factory.mktemp("tiny") / "base"
+    write_hf(d, random_meta_state(PARAMS, 32000, tie=True), PARAMS, 32000, tie=True)
+    shutil.copy(need_shared(TOKENIZERS / "llama2_tokenizer.model"), d / "tokenizer.model")
+    return d
+
+
+def test_accumulated_micro_batches_equal_one_batch(tiny_base):
+    import lora_core
+
+    def grads(micro):
+        torch.manual_seed(0)
+        model, tok = lora_core.load(tiny_base)
+        apply_lora(model, "all", r=4, alpha=8)
+        mark_only_lora_trainable(model)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.lora_B, std=0.1)
+        examples, _ = load_examples(need_shared(DATA / "luotuo_developer_instruction.json"), tok, ALPACA, 128)
+        batch = examples[:8]
+        loss, _ = accumulate_gradients(model, batch, sum(e.n_targets for e in batch), micro, tok.pad_id)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss1, g1 = grads(8)
+    for micro in (1, 3):  # 3 does not divide 8: a short last micro-batch
+        loss_k, gk = grads(micro)
+        assert loss_k == pytest.approx(loss1, rel=1e-5)
+        for name in g1:
+            torch.testing.assert_close(gk[name], g1[name], rtol=1e-4, atol=1e-7)
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(data=[], lr=1.0, warmup_steps=4)
+    lrs = [lr_at(s, cfg, 12) for s in range(12)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0 and lrs[-1] < 0.05
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # cosine never rises
+    cfg.schedule = "linear"
+    assert lr_at(8, cfg, 12) == pytest.approx(0.5)
+
+
+def run_train(args, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def common(tiny_base, out):
+    return ["--data", str(DATA / "luotuo_developer_instruction.json"), "--base", str(tiny_base), "--output", str(out),
+            "--base-dtype", "fp32", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "6",
+            "--warmup-steps", "2", "--lora-dropout", "0.1", "--val-size", "4", "--eval-every", "3",
+            "--save-every", "2", "--cutoff-len", "96", "--targets", "all"]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tiny_base, tmp_path):
+    full = run_train(common(tiny_base, tmp_path / "full"))
+    assert full.wait(timeout=600) == 0, full.stdout.read()
+    expected = losses(tmp_path / "full")
+    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
+
+    out = tmp_path / "killed"
+    victim = run_train(common(tiny_base, out))
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "step-0000004").is_dir() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    resumed = run_train(common(tiny_base, out) + ["--resume"])
+    log = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, log
+    assert "resumed from" in log and "step-0000004" in log
+    got = losses(out)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (step, got, expected)
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_args.json", "metrics.jsonl", "loss.png"):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+
+
+def test_fresh_run_refuses_to_mix_with_old_checkpoints(tiny_base, tmp_path):
+    first = run_train(common(tiny_base, tmp_path / "o"))
+    assert first.wait(timeout=600) == 0
+    again = run_train(common(tiny_base, tmp_path / "o"))
+    log = again.communicate(timeout=600)[0]
+    assert again.returncode == 1 and "holds checkpoints of an earlier run; add --resume" in log
+
+
+def test_two_processes_equal_one(tiny_base, tmp_path):
+    one = run_train(common(tiny_base, tmp_path / "one") + ["--lora-dropout", "0"])
+    assert one.wait(timeout=600) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+                str(ROOT / "train.py"), *common(tiny_base, tmp_path / "two"), "--lora-dropout", "0"]
+    two = subprocess.run(torchrun, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
