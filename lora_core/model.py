@@ -156,7 +156,17 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab) in fp32.
+        """tokens (B, T) -> logits (B, T, vocab) in fp32; the arguments are those of hidden()."""
+        return self.lm_head(self.hidden(tokens, attention_mask, cache, positions)).float()
+
+    def hidden(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, T) -> final normalised hidden states (B, T, dim), the input of lm_head.
 
         attention_mask: (B, S) with 1 for real tokens and 0 for padding, S = positions cached before
         plus T; padded keys are never attended to. positions: (B, T) RoPE positions, by default
@@ -179,7 +189,7 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, mask, cache)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.norm(h)).float()
+        return self.norm(h)
 
     @staticmethod
     def _mask(attention_mask, B, T, past, device) -> torch.Tensor | None:

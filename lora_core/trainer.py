@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .data import IGNORE, Example, load_examples, load_template, show_example, split_validation
@@ -104,11 +105,28 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, labels
 
 
+LOSS_CHUNK = 256  # target positions whose logits exist at once (256 x 49152 fp32 = 48 MiB for SmolLM2)
+
+
 def summed_loss(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the target tokens of a micro-batch."""
-    logits = model(ids)  # (B, T, vocab)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
+    """Sum of next-token cross-entropy over the target tokens of a micro-batch.
+
+    Only target positions go through lm_head (masked prompt tokens add nothing to the loss), in chunks
+    whose logits are recomputed during backward, so the (B, T, vocab) logits never exist at once.
+    """
+    h = model.hidden(ids)[:, :-1].flatten(0, 1)  # (B*(T-1), dim): position t predicts token t+1
+    targets = labels[:, 1:].flatten()
+    keep = targets != IGNORE
+    h, targets = h[keep], targets[keep]
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, len(targets), LOSS_CHUNK):
+        total = total + checkpoint(_chunk_loss, model.lm_head, h[s:s + LOSS_CHUNK], targets[s:s + LOSS_CHUNK],
+                                   use_reentrant=False)
+    return total
+
+
+def _chunk_loss(lm_head, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(h).float(), targets, reduction="sum")
 
 
 def micro_batches(examples: list[Example], size: int) -> list[list[Example]]:

@@ -123,3 +123,25 @@ def test_two_processes_equal_one(tiny_base, tmp_path):
     assert sorted(a) == sorted(b)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+
+
+def test_chunked_loss_equals_full_cross_entropy(tiny_base, monkeypatch):
+    import lora_core
+    import lora_core.trainer as trainer
+
+    model, tok = lora_core.load(tiny_base)
+    apply_lora(model, "q_proj", r=2, alpha=4)
+    mark_only_lora_trainable(model)
+    torch.nn.init.normal_(model.layers[0].self_attn.q_proj.lora_B)
+    examples, _ = load_examples(need_shared(DATA / "luotuo_developer_instruction.json"), tok, ALPACA, 128)
+    ids, labels = trainer.collate(examples[:4], tok.pad_id)
+    monkeypatch.setattr(trainer, "LOSS_CHUNK", 7)  # several chunks, the last one short
+    chunked = trainer.summed_loss(model, ids, labels)
+    chunked.backward()
+    g_chunked = model.layers[0].self_attn.q_proj.lora_A.grad.clone()
+    model.zero_grad()
+    full = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=-100, reduction="sum")
+    full.backward()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_chunked, model.layers[0].self_attn.q_proj.lora_A.grad, rtol=1e-4, atol=1e-6)
