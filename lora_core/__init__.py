@@ -48,7 +48,9 @@ def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | 
     else:
         model = load_model(ckpt, dtype, progress=progress)
     if adapter is not None:
-        from .adapter import load_adapter
+        from .adapter import adapter_extras, check_base, load_adapter
+        from .loader import base_fingerprint
 
+        check_base(adapter, adapter_extras(adapter), base_fingerprint(model), model.args.vocab_size, str(base))
         load_adapter(model, adapter)
     return model, tok

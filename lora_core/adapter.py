@@ -106,6 +106,32 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]
     return config, tensors, extras
 
 
+def adapter_extras(adapter_dir: str | Path) -> dict:
+    """What lora-core recorded with the adapter (base, fingerprint, vocab_size); {} for PEFT's own adapters."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        return {}
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("lora_core", "{}"))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: corrupt or truncated ({e}); retrain or re-copy the adapter") from e
+
+
+def check_base(adapter_dir: str | Path, extras: dict, fingerprint: str, vocab_size: int, base: str):
+    """Refuse a base other than the one the adapter was trained on (when the adapter recorded it)."""
+    want_vocab, want_fp = extras.get("vocab_size"), extras.get("fingerprint")
+    trained_on = extras.get("base", "another base")
+    if want_vocab is not None and want_vocab != vocab_size:
+        raise ValueError(f"{adapter_dir}: trained on {trained_on} with a {want_vocab}-token vocabulary; {base} has "
+                         f"{vocab_size}: pass the adapter's own base with --base")
+    if want_fp and want_fp != fingerprint:
+        raise ValueError(f"{adapter_dir}: trained on {trained_on} (fingerprint {want_fp}); {base} has fingerprint "
+                         f"{fingerprint}: pass the adapter's own base with --base")
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     """Apply a PEFT LoRA adapter (ours or PEFT's) to the model, unmerged; returns our extras."""
     config, tensors, extras = read_adapter(adapter_dir)

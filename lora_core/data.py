@@ -21,11 +21,24 @@ class Template:
     chat_pre: str = ""
     chat_turn: str = "User:{input}\n\nAssistant:"  # the user's turn, up to where the assistant answers
     chat_sep: str = "\n\n"  # after each assistant answer
+    stop: tuple[str, ...] = ("### Instruction:",)  # where generation stops by default: the next prompt
 
     def prompt(self, instruction: str, input: str = "") -> str:
         if input:
             return self.prompt_input.format(instruction=instruction, input=input)
         return self.prompt_no_input.format(instruction=instruction)
+
+    def chat_prompt(self, history: list[tuple[str, str]], message: str) -> str:
+        """A conversation rendered as training renders chat records, ending where the assistant answers."""
+        text = self.chat_pre
+        for user, answer in history:
+            text += self.chat_turn.format(input=user) + answer + self.chat_sep
+        return text + self.chat_turn.format(input=message)
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stop strings in a chat: the template's, plus the start of the user's next turn."""
+        return self.stop + (self.chat_turn.split("{input}")[0].strip(),)
 
 
 # alpaca-lora's templates/alpaca.json and alpaca_short.json, word for word

@@ -1,0 +1,120 @@
+"""Generation with a KV cache: one prefill of the prompt, then one forward per new token.
+
+Text is streamed as it completes (never half a UTF-8 character) and held back while it could still
+turn out to be the start of a stop string, so what is printed never needs to be taken back.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .model import KVCache, Transformer
+from .sampling import Sampling, next_token
+
+
+@dataclass
+class Generated:
+    text: str
+    token_ids: list[int]
+    stop_reason: str  # "eos", "stop" (a stop string) or "length"
+    prompt_tokens: int
+    prefill_s: float
+    decode_steps: int  # one-token forward passes after the prefill
+    decode_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_steps else 0.0
+
+    def speed(self) -> str:
+        prefill = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        return (f"prompt {self.prompt_tokens} tokens: prefill {prefill:.1f} tok/s; {len(self.token_ids)} new tokens: "
+                f"decode {self.decode_tok_s:.1f} tok/s; stopped by {self.stop_reason}")
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of text that is the beginning of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class TextStopper:
+    """Accumulates decoded text; says when a stop string appears and how much is safe to print."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.shown = 0  # characters already handed out
+        self.stopped = False
+
+    def add(self, piece: str) -> str:
+        """Add newly decoded text; return the part that can be printed now."""
+        start = max(0, len(self.text) - max((len(s) for s in self.stops), default=0))
+        self.text += piece
+        hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[:min(hits)], True
+            return self.flush()
+        safe = len(self.text) - _held_back(self.text, self.stops)
+        out, self.shown = self.text[self.shown:safe], max(self.shown, safe)
+        return out
+
+    def flush(self) -> str:
+        out, self.shown = self.text[self.shown:], len(self.text)
+        return out
+
+
+@torch.inference_mode()
+def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling = Sampling(),
+             max_new_tokens: int = 256, stop: tuple[str, ...] = (), seed: int | None = None,
+             on_text: Callable[[str], None] | None = None) -> Generated:
+    """Continue prompt_ids; stops at EOS, at a stop string (cut off) or after max_new_tokens.
+
+    on_text receives the response piece by piece as it becomes final.
+    """
+    context = model.args.max_seq_len
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) >= context:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}: shorten it")
+    max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    cache = KVCache(model.args, 1, len(prompt_ids) + max_new_tokens, dtype)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    seen = torch.zeros(model.args.vocab_size, dtype=torch.bool)
+    seen[torch.tensor(prompt_ids)] = True
+    decoder, stopper = tok.stream(), TextStopper(stop)
+    emit = on_text or (lambda _: None)
+    new, reason, steps = [], "length", 0
+
+    t0 = time.perf_counter()
+    logits = model(torch.tensor([prompt_ids]), cache=cache)[0, -1]
+    prefill_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for i in range(max_new_tokens):
+        nxt = next_token(logits, seen.nonzero()[:, 0], sampling, generator)
+        if nxt == tok.eos_id:
+            reason = "eos"
+            break
+        new.append(nxt)
+        seen[nxt] = True
+        emit(stopper.add(decoder.put(nxt)))
+        if stopper.stopped:
+            reason = "stop"
+            break
+        if i + 1 < max_new_tokens:
+            logits = model(torch.tensor([[nxt]]), cache=cache)[0, -1]
+            steps += 1
+    if not stopper.stopped:
+        emit(stopper.add(decoder.flush()))
+        emit(stopper.flush())
+    return Generated(stopper.text, new, reason, len(prompt_ids), prefill_s, steps,
+                     time.perf_counter() - t1)

@@ -1,0 +1,179 @@
+"""Generation with the KV cache on real SmolLM2: against transformers, with adapters, streaming, stops."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from lora_core.chat import Conversation
+from lora_core.data import ALPACA, VICUNA_CHAT
+from lora_core.generation import TextStopper, generate
+from lora_core.sampling import Sampling
+
+GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
+ZH = "骆驼是一种大型哺乳动物，生活在沙漠里。它们能够长时间不喝水。"
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, torch_dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("prompt,penalty", [(ALPACA.prompt("Name three colours."), 1.0),
+                                            (ALPACA.prompt("Write a haiku about rain."), 1.3),
+                                            ("Once upon a time", 1.0)])
+def test_greedy_equals_transformers(smollm2, hf_smollm2, prompt, penalty):
+    model, tok = smollm2
+    ids = tok.encode(prompt)
+    g = generate(model, tok, ids, Sampling(0, 0, 1.0, penalty), max_new_tokens=40)
+    with torch.no_grad():
+        ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, repetition_penalty=penalty,
+                                  eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+    if ref and ref[-1] == tok.eos_id:
+        ref, reason = ref[:-1], "eos"
+    else:
+        reason = "length"
+    assert g.token_ids == ref and g.stop_reason == reason
+    assert g.text == tok.decode(ref)
+
+
+def test_adapter_changes_output_and_unmerged_equals_merged(smollm2_path):
+    import lora_core
+    from lora_core.lora import apply_lora, lora_layers, set_merged
+
+    model, tok = lora_core.load(smollm2_path, dtype="fp32")
+    ids = tok.encode(ALPACA.prompt("Who are you?"))
+    base = generate(model, tok, ids, GREEDY, max_new_tokens=24).token_ids
+    apply_lora(model, "all", r=8, alpha=16)
+    g = torch.Generator().manual_seed(0)
+    for m in lora_layers(model).values():
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.02
+    unmerged = generate(model, tok, ids, GREEDY, max_new_tokens=24).token_ids
+    set_merged(model, True)
+    merged = generate(model, tok, ids, GREEDY, max_new_tokens=24).token_ids
+    assert unmerged != base
+    assert merged == unmerged
+
+
+def test_seeded_sampling_is_reproducible(smollm2):
+    model, tok = smollm2
+    ids = tok.encode(ALPACA.prompt("Tell me a story."))
+    s = Sampling(temperature=1.0, top_k=50, top_p=0.95, repetition_penalty=1.1)
+    a = generate(model, tok, ids, s, max_new_tokens=20, seed=3).token_ids
+    b = generate(model, tok, ids, s, max_new_tokens=20, seed=3).token_ids
+    c = generate(model, tok, ids, s, max_new_tokens=20, seed=4).token_ids
+    assert a == b and a != c
+
+
+def test_streamed_pieces_equal_one_shot_decode(smollm2):
+    """Sampled continuation of a Chinese prompt: byte-level tokens split characters, pieces never do."""
+    model, tok = smollm2
+    pieces = []
+    g = generate(model, tok, tok.encode(ZH), Sampling(temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.0),
+                 max_new_tokens=48, seed=0, on_text=pieces.append)
+    assert "".join(pieces) == g.text == tok.decode(g.token_ids)
+    assert sum("\u4e00" <= ch <= "\u9fff" for ch in g.text) > 10 and len(pieces) > 10
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_of_chinese_tokens_one_by_one(smollm2):
+    _, tok = smollm2
+    ids = tok.encode(ZH)
+    assert len(ids) > len(ZH) / 2, "expected byte-level pieces for Chinese"
+    dec, stopper, out = tok.stream(), TextStopper(()), []
+    for i in ids:
+        out.append(stopper.add(dec.put(i)))
+    out.append(stopper.add(dec.flush()))
+    assert "".join(out) == tok.decode(ids) == ZH
+    assert not any("\ufffd" in p for p in out)
+
+
+def test_stop_string_cuts_and_held_back_text_is_released():
+    s = TextStopper(("### Instruction:",))
+    assert s.add("Paris is the capital.\n\n#") == "Paris is the capital.\n\n"  # '#' could start the stop
+    assert s.add("## Instr") == ""
+    assert s.add("uction: more") == "" and s.stopped
+    assert s.text == "Paris is the capital.\n\n"
+    s = TextStopper(("### Instruction:",))
+    assert s.add("C# #") == "C# "
+    assert s.add("x") == "#x" and not s.stopped
+    assert s.flush() == ""
+
+
+def test_generation_stops_at_stop_string(smollm2):
+    model, tok = smollm2
+    ids = tok.encode("1, 2, 3, 4,")
+    g = generate(model, tok, ids, GREEDY, max_new_tokens=30, stop=(" 7",))
+    assert g.stop_reason == "stop" and g.text.rstrip().endswith("6,") and " 7" not in g.text
+
+
+def test_prompt_longer_than_context_refused(smollm2):
+    model, tok = smollm2
+    with pytest.raises(ValueError, match="context"):
+        generate(model, tok, [1] * model.args.max_seq_len, GREEDY)
+
+
+def test_conversation_trims_oldest_turns(smollm2):
+    _, tok = smollm2
+    conv = Conversation(tok, VICUNA_CHAT, context=120, max_new_tokens=20)
+    for i in range(6):
+        conv.add(f"Question number {i} about camels?", f"Answer number {i}: camels live in deserts.")
+    ids = conv.prompt_ids("And what do they eat?")
+    assert len(ids) + 20 <= 120 and conv.trimmed > 0
+    kept = tok.decode(ids)
+    assert "Question number 5" in kept and "Question number 0" not in kept
+    assert kept.endswith("User:And what do they eat?\n\nAssistant:")
+
+
+def run_generate(*args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), "--base-dtype", "fp32", *args],
+                          capture_output=True, text=True, input=stdin, timeout=600)
+
+
+def test_cli_prompt_prints_only_the_response(smollm2):
+    model, tok = smollm2
+    r = run_generate("--prompt", "Name three colours.", "--temperature", "0", "--repetition-penalty", "1",
+                     "--max-new-tokens", "16")
+    assert r.returncode == 0, r.stderr
+    want = generate(model, tok, tok.encode(ALPACA.prompt("Name three colours.")), GREEDY, 16, ALPACA.stop).text
+    assert r.stdout == want + "\n"
+    assert "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_cli_input_file_and_interactive(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"instruction": "Say hi."}\nnot json\n{"instruction": "Add", "input": "2 and 3"}\n')
+    out = tmp_path / "a.jsonl"
+    r = run_generate("--input-file", str(data), "--output-file", str(out), "--max-new-tokens", "8", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["instruction"] for row in rows] == ["Say hi.", "Add"] and all(row["response"] for row in rows)
+    assert "q.jsonl:2" in r.stderr and "1 bad records skipped" in r.stderr
+    r = run_generate("--interactive", "--template", "vicuna_chat", "--max-new-tokens", "8",
+                     stdin="Hello!\n/reset\nWhat is 2+2?\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("Assistant: ") == 2 and "new conversation" in r.stderr
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--prompt", "a", "--interactive"], "choose one of"),
+    (["--input", "x"], "choose one of"),
+    (["--prompt", "a", "--raw", "--template", "alpaca"], "--raw"),
+    (["--prompt", "a", "--top-p", "2"], "top-p"),
+    (["--input-file", "q.json"], "needs --output-file"),
+])
+def test_cli_refuses_conflicting_settings(args, match):
+    r = run_generate(*args)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("generate.py: error:") and match in last
+
+
+def test_cli_warns_about_settings_without_effect():
+    r = run_generate("--prompt", "Hi", "--temperature", "0", "--top-k", "5", "--seed", "2", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "--top-k and --top-p have no effect" in r.stderr and "--seed has no effect" in r.stderr
