@@ -24,14 +24,8 @@ def check_tokenizer_fits(tokenizer: Tokenizer, args: ModelArgs, weights: Path):
         )
 
 
-def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | Path | None = None,
-         adapter: str | Path | None = None, progress: bool = False) -> tuple[Transformer, Tokenizer]:
-    """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name.
-
-    dtype "int8" quantizes the seven projection layers of every block while loading (the rest stays
-    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged.
-    """
-    ckpt = open_checkpoint(resolve_base(base))
+def tokenizer_of(ckpt, tokenizer: str | Path | None = None) -> Tokenizer:
+    """The tokenizer given, else the one embedded in a GGUF or lying beside the weights; checked to fit."""
     if tokenizer is None and isinstance(ckpt, GGUFCheckpoint):
         tok = tokenizer_from_gguf(ckpt.file)
     elif tokenizer is None and ckpt.tokenizer_path is None:
@@ -41,6 +35,18 @@ def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | 
     else:
         tok = load_tokenizer(tokenizer or ckpt.tokenizer_path)
     check_tokenizer_fits(tok, ckpt.args, ckpt.path)
+    return tok
+
+
+def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | Path | None = None,
+         adapter: str | Path | None = None, progress: bool = False) -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name.
+
+    dtype "int8" quantizes the seven projection layers of every block while loading (the rest stays
+    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged.
+    """
+    ckpt = open_checkpoint(resolve_base(base))
+    tok = tokenizer_of(ckpt, tokenizer)
     if dtype == "int8":
         from .quant import quantize_on_load
 

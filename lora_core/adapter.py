@@ -137,8 +137,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
     config, tensors, extras = read_adapter(adapter_dir)
     if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-layer rank/alpha patterns are not supported")
+    training = model.training  # new dropout modules start in training mode; keep the model's mode
     apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
                dropout=config.get("lora_dropout", 0.0))
+    model.train(training)
     layers = lora_layers(model)
     for name, m in layers.items():
         key = f"{PEFT_PREFIX}{name}"

@@ -164,7 +164,7 @@ class MetaCheckpoint(Checkpoint):
         self._dim = params["dim"]
         emb = self._read("tok_embeddings.weight")
         self.args = ModelArgs.from_meta_params(params, vocab_size=emb.shape[0])
-        for candidate in (path / "tokenizer.model", path.parent / "tokenizer.model"):
+        for candidate in (path / "tokenizer.model", path / "tokenizer.json", path.parent / "tokenizer.model"):
             if candidate.is_file():
                 self.tokenizer_path = candidate
                 break

@@ -75,10 +75,11 @@ class TextStopper:
 @torch.inference_mode()
 def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling = Sampling(),
              max_new_tokens: int = 256, stop: tuple[str, ...] = (), seed: int | None = None,
-             on_text: Callable[[str], None] | None = None) -> Generated:
+             on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Generated:
     """Continue prompt_ids; stops at EOS, at a stop string (cut off) or after max_new_tokens.
 
-    on_text receives the response piece by piece as it becomes final.
+    on_text receives the response piece by piece as it becomes final; ignore_eos (benchmarks) runs
+    to max_new_tokens.
     """
     context = model.args.max_seq_len
     if not prompt_ids:
@@ -101,7 +102,7 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
         nxt = next_token(logits, seen.nonzero()[:, 0], sampling, generator)
-        if nxt == tok.eos_id:
+        if nxt == tok.eos_id and not ignore_eos:
             reason = "eos"
             break
         new.append(nxt)

@@ -90,12 +90,16 @@ def load_model(
     return model.eval()
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """A short id of the base weights: the shape and the first embedding rows (rounded to bf16, so fp32,
-    bf16 and int8 loads of one checkpoint agree). Adapters record it; generate and export check it."""
+def fingerprint(args, embed: torch.Tensor) -> str:
+    """A short id of a base: its shape and first 16 embedding rows rounded to bf16 (so fp32, bf16 and
+    int8 loads of one checkpoint agree). Adapters record it; generate and export check it."""
     import hashlib
     import json
 
-    h = hashlib.sha256(json.dumps(model.args.to_dict(), sort_keys=True).encode())
-    h.update(model.embed_tokens.weight[:16].detach().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    h = hashlib.sha256(json.dumps(args.to_dict(), sort_keys=True).encode())
+    h.update(embed[:16].detach().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    return fingerprint(model.args, model.embed_tokens.weight)

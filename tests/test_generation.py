@@ -177,3 +177,38 @@ def test_cli_warns_about_settings_without_effect():
     r = run_generate("--prompt", "Hi", "--temperature", "0", "--top-k", "5", "--seed", "2", "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
     assert "--top-k and --top-p have no effect" in r.stderr and "--seed has no effect" in r.stderr
+
+
+def test_adapter_of_another_base_refused(smollm2_path, tmp_path):
+    import lora_core
+    from lora_core.adapter import save_adapter
+    from lora_core.lora import apply_lora
+
+    model, _ = lora_core.load(smollm2_path, dtype="fp32")
+    apply_lora(model, "q_proj,v_proj", r=4, alpha=8)
+    save_adapter(model, tmp_path / "a", "some-other-base", extras={"base": "some-other-base",
+                                                                    "fingerprint": "0123456789abcdef",
+                                                                    "vocab_size": model.args.vocab_size})
+    with pytest.raises(ValueError, match="trained on some-other-base.*fingerprint 0123456789abcdef"):
+        lora_core.load(smollm2_path, dtype="int8", adapter=tmp_path / "a")
+    save_adapter(model, tmp_path / "b", "x", extras={"base": "x", "vocab_size": 32000})
+    with pytest.raises(ValueError, match="32000-token vocabulary"):
+        lora_core.load(smollm2_path, dtype="fp32", adapter=tmp_path / "b")
+
+
+def test_loaded_adapter_with_dropout_is_deterministic(smollm2_path, tmp_path):
+    """Dropout modules made while applying an adapter must follow the loaded model into eval mode."""
+    import lora_core
+    from lora_core.adapter import save_adapter
+    from lora_core.lora import apply_lora, lora_layers
+
+    model, tok = lora_core.load(smollm2_path, dtype="fp32")
+    apply_lora(model, "q_proj,v_proj", r=4, alpha=8, dropout=0.3)
+    for m in lora_layers(model).values():
+        m.lora_B.data.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "a", str(smollm2_path))
+    tuned, _ = lora_core.load(smollm2_path, dtype="fp32", adapter=tmp_path / "a")
+    assert not tuned.training and not any(m.training for m in tuned.modules())
+    x = torch.tensor([tok.encode("Hello there")])
+    with torch.no_grad():
+        assert torch.equal(tuned(x), tuned(x))

@@ -1,0 +1,109 @@
+"""export(): merge an adapter into its base and write gguf / meta / hf, to a temporary name renamed only
+when complete (and verified, with verify=True)."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import load, tokenizer_of
+from .checkpoint import open_checkpoint
+from .loader import resolve_base
+from .merge import plan_merge
+
+FORMATS = ("gguf", "meta", "hf")
+DTYPES = {"gguf": ("f32", "f16", "bf16", "q8_0"), "meta": ("f32", "f16", "bf16"), "hf": ("f32", "f16", "bf16")}
+BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}
+# --verify: largest next-token logit difference accepted against base + adapter unmerged in fp32, as a
+# fraction of the largest |logit|; SmolLM2 measured 3.9e-6, 1.4e-3, 1.1e-2 and 3.5e-2 for these types
+TOLERANCE = {"f32": 1e-4, "f16": 5e-3, "bf16": 3e-2, "q8_0": 8e-2}
+VERIFY_PROMPTS = ("The capital of France is", "你好，请介绍一下你自己。",
+                  "### Instruction:\nWho are you?\n\n### Response:\n")
+
+
+def _remove(path: Path):
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool = False, verify: bool = False,
+           max_shard_bytes: int = 5 << 30) -> Path:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: choose {', '.join(FORMATS)}")
+    dtype = dtype or ("f16" if fmt == "gguf" else "bf16")
+    if dtype not in DTYPES[fmt]:
+        raise ValueError(f"--dtype {dtype} is not available for --format {fmt}: choose {', '.join(DTYPES[fmt])}")
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
+    if fmt == "gguf" and out.suffix != ".gguf":
+        raise ValueError(f"{out}: a GGUF export is one file; name it *.gguf")
+    ckpt = open_checkpoint(resolve_base(base))
+    tok = tokenizer_of(ckpt)
+    plan = plan_merge(ckpt, adapter)
+    need = sum(torch.Size(s).numel() for s in plan.shapes.values()) * BYTES_PER_WEIGHT[dtype] * (2 if fmt == "meta" else 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out.parent).free
+    if need > free:
+        raise OSError(f"{out.parent}: no room on disk: the export needs about {need / 2**30:.2f} GiB, "
+                      f"{free / 2**30:.2f} GiB is free; free some space or choose another --out")
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    bar = tqdm(total=len(plan.shapes), desc=f"exporting {fmt} {dtype}", unit="tensor", file=sys.stderr)
+    try:
+        if fmt == "gguf":
+            from .export_gguf import write_gguf
+
+            write_gguf(plan, tok, tmp, dtype, name=out.stem, progress=lambda _: bar.update())
+        else:
+            tmp.mkdir()
+            if fmt == "hf":
+                from .export_hf import write_hf
+
+                write_hf(plan, tok, tmp, dtype, max_shard_bytes, progress=lambda _: bar.update())
+            else:
+                from .export_meta import write_meta
+
+                write_meta(plan, tok, tmp, dtype, progress=lambda _: bar.update())
+        bar.close()
+        if verify:
+            verify_export(base, adapter, tmp, dtype)
+        _remove(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        bar.close()
+        _remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise OSError(f"{out.parent}: the disk filled up while exporting; nothing was written. Free some "
+                          "space and run again") from e
+        raise
+    except BaseException:
+        bar.close()
+        _remove(tmp)
+        raise
+    return out
+
+
+@torch.inference_mode()
+def verify_export(base, adapter, written: Path, dtype: str) -> float:
+    """Next-token logits of the written model against base + adapter unmerged (fp32); raise above tolerance."""
+    reference, tok = load(base, dtype="fp32", adapter=adapter)
+    exported, _ = load(written, dtype="fp32")
+    worst, scale = 0.0, 0.0
+    for prompt in VERIFY_PROMPTS:
+        x = torch.tensor([tok.encode(prompt)])
+        want, got = reference(x)[0, -1], exported(x)[0, -1]
+        worst, scale = max(worst, (want - got).abs().max().item()), max(scale, want.abs().max().item())
+    limit = TOLERANCE[dtype] * scale
+    print(f"verify: max |logit difference| over {len(VERIFY_PROMPTS)} prompts = {worst:.2e} (largest |logit| "
+          f"{scale:.1f}; {dtype} tolerance {limit:.2e})", file=sys.stderr)
+    if not worst <= limit:
+        raise ValueError(f"verification failed: the {dtype} export differs from base + adapter by {worst:.3g} "
+                         f"in next-token logits (tolerance {limit:.3g}); nothing was written")
+    return worst

@@ -1,0 +1,218 @@
+"""export: merged weights in gguf / meta / hf, read back by our loader, transformers and llama.cpp."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from lora_core.data import ALPACA
+
+PROMPTS = ["The capital of France is", "你好，请介绍一下你自己。", ALPACA.prompt("Who are you?")]
+
+
+@pytest.fixture(scope="module")
+def adapter(smollm2_path, tmp_path_factory):
+    """A non-trivial adapter on SmolLM2: all seven projections, random B, and a trained lm_head."""
+    import lora_core
+    from lora_core.adapter import save_adapter
+    from lora_core.lora import apply_lora, enable_modules_to_save, lora_layers
+    from lora_core.loader import base_fingerprint
+
+    model, _ = lora_core.load(smollm2_path, dtype="fp32")
+    extras = {"base": str(smollm2_path), "fingerprint": base_fingerprint(model), "vocab_size": model.args.vocab_size}
+    apply_lora(model, "all", r=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    for m in lora_layers(model).values():
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.03
+    enable_modules_to_save(model, ["lm_head"])
+    model.lm_head.weight.data += torch.randn(model.lm_head.weight.shape, generator=g) * 0.01
+    out = tmp_path_factory.mktemp("adapter") / "a"
+    save_adapter(model, out, str(smollm2_path), extras, modules_to_save=("lm_head",))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_path, adapter):
+    """Base + adapter unmerged, fp32: what every export must reproduce; last-position logits per prompt."""
+    import lora_core
+
+    model, tok = lora_core.load(smollm2_path, dtype="fp32", adapter=adapter)
+    with torch.no_grad():
+        logits = [model(torch.tensor([tok.encode(p)]))[0, -1] for p in PROMPTS]
+    return model, tok, logits
+
+
+def logits_of(model, tok):
+    with torch.no_grad():
+        return [model(torch.tensor([tok.encode(p)]))[0, -1] for p in PROMPTS]
+
+
+def test_merge_is_w_plus_scaled_ba(smollm2_path, adapter):
+    """Every merged tensor equals the checkpoint's W + (alpha/r)·B·A, computed here from the files."""
+    from safetensors.torch import load_file
+
+    from lora_core.checkpoint import hf_to_meta_rows, open_checkpoint
+    from lora_core.merge import plan_merge
+
+    ckpt = open_checkpoint(smollm2_path)
+    peft = load_file(str(adapter / "adapter_model.safetensors"))
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    merged = dict(plan_merge(ckpt, adapter).tensors())
+    name = "layers.3.self_attn.q_proj.weight"
+    a = peft["base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"]
+    b = hf_to_meta_rows(peft["base_model.model.model.layers.3.self_attn.q_proj.lora_B.weight"], ckpt.args.n_heads)
+    torch.testing.assert_close(merged[name], ckpt.get(name) + scale * b @ a, rtol=0, atol=1e-6)
+    name = "layers.7.mlp.down_proj.weight"
+    a = peft["base_model.model.model.layers.7.mlp.down_proj.lora_A.weight"]
+    b = peft["base_model.model.model.layers.7.mlp.down_proj.lora_B.weight"]
+    torch.testing.assert_close(merged[name], ckpt.get(name) + scale * b @ a, rtol=0, atol=1e-6)
+    assert torch.equal(merged["lm_head.weight"], peft["base_model.model.lm_head.weight"])
+    assert torch.equal(merged["embed_tokens.weight"], ckpt.get("embed_tokens.weight"))  # untied, untouched
+    assert torch.equal(merged["norm.weight"], ckpt.get("norm.weight"))
+
+
+@pytest.mark.parametrize("fmt,out", [("gguf", "m.gguf"), ("hf", "hf"), ("meta", "meta")])
+def test_f32_round_trip_through_our_loader(smollm2_path, adapter, reference, tmp_path, fmt, out):
+    import lora_core
+    from lora_core.exporter import export
+
+    path = export(smollm2_path, adapter, fmt, tmp_path / out, "f32")
+    model, tok = lora_core.load(path, dtype="fp32")
+    assert tok.encode(PROMPTS[1]) == reference[1].encode(PROMPTS[1])
+    for ours, ref in zip(logits_of(model, tok), reference[2]):
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=0)
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_meta_export_has_meta_names_and_params(smollm2_path, adapter, tmp_path):
+    from lora_core.exporter import export
+
+    out = export(smollm2_path, adapter, "meta", tmp_path / "meta", "bf16")
+    state = torch.load(out / "consolidated.00.pth", weights_only=True, mmap=True)
+    assert "layers.0.attention.wq.weight" in state and "output.weight" in state and "tok_embeddings.weight" in state
+    assert state["layers.0.feed_forward.w1.weight"].dtype == torch.bfloat16
+    params = json.loads((out / "params.json").read_text())
+    assert (params["dim"], params["n_layers"], params["n_heads"], params["n_kv_heads"]) == (576, 30, 9, 3)
+
+
+def test_hf_export_loads_in_transformers(smollm2_path, adapter, reference, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lora_core.exporter import export
+
+    out = export(smollm2_path, adapter, "hf", tmp_path / "hf", "f32", max_shard_bytes=200 << 20)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2  # sharded above the threshold
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    _, tok, ref = reference
+    for prompt, want in zip(PROMPTS, ref):
+        ids = hf_tok(prompt, add_special_tokens=True)["input_ids"]
+        assert ids == tok.encode(prompt)
+        with torch.no_grad():
+            got = model(torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(got, want, atol=3e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", [("f16", 0.15), ("q8_0", 1.5)])
+def test_gguf_runs_in_llama_cpp(smollm2_path, adapter, reference, tmp_path, dtype, atol):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
+    import lora_core
+    from lora_core.exporter import export
+    from lora_core.generation import generate
+    from lora_core.sampling import Sampling
+
+    path = export(smollm2_path, adapter, "gguf", tmp_path / f"m-{dtype}.gguf", dtype, verify=True)
+    extra = {} if dtype == "f16" else {"use_extra_bufts": False}  # AMX buffers crash on quantized GGUFs here
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, **extra)
+    _, tok, ref = reference
+    for prompt, want in zip(PROMPTS, ref):
+        ids = tok.encode(prompt)
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        got = torch.tensor(llm.scores[len(ids) - 1])
+        assert (got - want).abs().max().item() < atol
+    # greedy tokens: llama.cpp on the file against our own run of the same file
+    ours, _ = lora_core.load(path, dtype="fp32")
+    ids = tok.encode(PROMPTS[2])
+    mine = generate(ours, tok, ids, Sampling(0, 0, 1.0, 1.0), max_new_tokens=16, ignore_eos=True).token_ids
+    llm.reset()
+    theirs = [t for t, _ in zip(llm.generate(ids, temp=0.0, repeat_penalty=1.0), range(16))]
+    agree = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), 16)
+    assert agree >= (16 if dtype == "f16" else 4), (tok.decode(mine), tok.decode(theirs))
+
+
+def test_existing_output_kept_without_force(smollm2_path, adapter, tmp_path):
+    from lora_core.exporter import export
+
+    out = tmp_path / "m.gguf"
+    out.write_text("precious")
+    with pytest.raises(FileExistsError, match="--force"):
+        export(smollm2_path, adapter, "gguf", out)
+    assert out.read_text() == "precious"
+
+
+def test_interrupted_export_leaves_nothing(smollm2_path, adapter, tmp_path, monkeypatch):
+    from lora_core import export_hf
+    from lora_core.exporter import export
+
+    real = export_hf.SafetensorsWriter.write
+    calls = []
+
+    def failing(self, name, tensor):
+        calls.append(name)
+        if len(calls) == 50:
+            raise KeyboardInterrupt
+        real(self, name, tensor)
+
+    monkeypatch.setattr(export_hf.SafetensorsWriter, "write", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export(smollm2_path, adapter, "hf", tmp_path / "hf", "f32")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_room_on_disk(smollm2_path, adapter, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from lora_core.exporter import export
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(OSError, match="no room on disk"):
+        export(smollm2_path, adapter, "gguf", tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_of_another_base_refused(smollm2_path, adapter, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_core.exporter import export
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    meta = {"lora_core": json.dumps({"base": "llama-7b", "fingerprint": "feedfacefeedface", "vocab_size": 49152})}
+    save_file(tensors, str(bad / "adapter_model.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="trained on llama-7b"):
+        export(smollm2_path, bad, "gguf", tmp_path / "m.gguf")
+    with pytest.raises(ValueError, match="unknown format"):
+        export(smollm2_path, adapter, "onnx", tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="q8_0 is not available for --format hf"):
+        export(smollm2_path, adapter, "hf", tmp_path / "hf", "q8_0")
+
+
+def test_cli_verify_and_errors(adapter, tmp_path):
+    out = tmp_path / "m.gguf"
+    cmd = [sys.executable, str(ROOT / "export.py"), "--adapter", str(adapter), "--format", "gguf", "--out", str(out)]
+    r = subprocess.run(cmd + ["--dtype", "q8_0", "--verify"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    assert "verify: max |logit difference|" in r.stderr and out.is_file()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("export.py: error:")
+    assert "--force" in r.stderr
