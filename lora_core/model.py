@@ -25,9 +25,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 whatever the activation dtype, as Meta's and HF's references do
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, device=None) -> torch.Tensor:
@@ -45,19 +43,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
     return torch.where(wavelen < original / high, inv_freq, torch.where(wavelen > original / low, inv_freq / factor, scaled))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape positions.shape + (head_dim // 2,), computed in fp32."""
+def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Unit complex numbers e^(i·pos·freq), shape positions.shape + (head_dim // 2,), from fp32 angles."""
     angles = positions.float()[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x: (B, T, H, head_dim); cos/sin: (B or 1, T, head_dim/2)."""
-    xp = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
-    x0, x1 = xp[..., 0], xp[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, head_dim/2)
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x: (B, T, H, head_dim) as complex numbers, Meta's way;
+    rot: (B or 1, T, head_dim/2)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim/2)
+    return torch.view_as_real(pairs * rot[:, :, None, :]).flatten(-2).to(x.dtype)
 
 
 class KVCache:
@@ -90,12 +86,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, rot, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim), S = past + T
@@ -127,8 +123,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, cache):
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, rot, mask, cache):
+        h = x + self.self_attn(self.input_layernorm(x), rot, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -178,15 +174,15 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(past, past + T, device=tokens.device)[None, :]  # (1, T)
         a = self.args
-        cos, sin = rope_cos_sin(positions, rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, tokens.device))
+        rot = rope_rotation(positions, rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, tokens.device))
         mask = self._mask(attention_mask, B, T, past, tokens.device)
         h = self.embed_tokens(tokens)
         recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
-                h = checkpoint(layer, h, cos, sin, mask, None, use_reentrant=False)
+                h = checkpoint(layer, h, rot, mask, None, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache)
+                h = layer(h, rot, mask, cache)
         if cache is not None:
             cache.pos += T
         return self.norm(h)

@@ -212,3 +212,20 @@ def test_loaded_adapter_with_dropout_is_deterministic(smollm2_path, tmp_path):
     x = torch.tensor([tok.encode("Hello there")])
     with torch.no_grad():
         assert torch.equal(tuned(x), tuned(x))
+
+
+def test_unfinished_character_at_the_length_limit_is_dropped(smollm2, monkeypatch):
+    """Stopping after the first byte token of a Chinese character shows nothing rather than U+FFFD."""
+    import lora_core.generation as generation
+
+    model, tok = smollm2
+    ids = tok.encode("骆驼")
+    assert len(ids) > 2 and "\ufffd" in tok.decode(ids[:1])  # byte-level: characters span several tokens
+    forced = iter(ids)
+    monkeypatch.setattr(generation, "next_token", lambda *args: next(forced))
+    pieces = []
+    g = generate(model, tok, tok.encode("Hi"), GREEDY, max_new_tokens=1, on_text=pieces.append)
+    assert g.token_ids == ids[:1] and g.text == "" and "\ufffd" not in "".join(pieces)
+    forced = iter(ids)
+    g = generate(model, tok, tok.encode("Hi"), GREEDY, max_new_tokens=len(ids), on_text=pieces.append)
+    assert g.text == "骆驼"
