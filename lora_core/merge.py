@@ -14,8 +14,7 @@ import torch
 from .adapter import PEFT_PREFIX, _saved_module_key, check_base, read_adapter
 from .checkpoint import Checkpoint, hf_to_meta_rows, name_map, rope_heads
 from .config import ModelArgs
-from .loader import fingerprint
-from .model import Transformer
+from .loader import fingerprint, meta_model
 
 
 @dataclass
@@ -54,8 +53,7 @@ class MergePlan:
 def plan_merge(ckpt: Checkpoint, adapter_dir: str | Path | None) -> MergePlan:
     """Check the adapter against the base and collect its updates (small: A and B only)."""
     args = ModelArgs(**ckpt.args.to_dict())
-    with torch.device("meta"):
-        expected = Transformer(args).state_dict()
+    expected = meta_model(args).state_dict()
     shapes = {n: tuple(expected[n].shape) for n in name_map(args.n_layers, ckpt.fmt) if n in ckpt.names()}
     plan = MergePlan(ckpt, args, shapes)
     if adapter_dir is None:

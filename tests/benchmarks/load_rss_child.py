@@ -3,16 +3,7 @@ import json
 import sys
 import time
 
-
-def status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith(key + ":"))
-    return int(line.split()[1]) / 1024
-
-
-def peak_mib() -> float:
-    """VmHWM: this process's peak resident set (ru_maxrss would carry the parent's peak across fork+exec)."""
-    return status_mib("VmHWM")
+from bench_util import peak_mib, status_mib
 
 
 base, dtype = sys.argv[1], sys.argv[2]
