@@ -3,6 +3,7 @@
     python export.py --adapter lora-out --format gguf --out smollm2-lora.gguf --verify
     python export.py --adapter lora-out --format hf --out merged-hf
     python export.py --adapter lora-out --format meta --out merged-meta
+    python export.py --adapter lora-out --format lora-gguf --out adapter.gguf   # llama-cli -m base.gguf --lora adapter.gguf
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base and export the result.")
     p.add_argument("--base", default=None, help="model dir, .gguf or smollm2-135m (default: the adapter's own base)")
     p.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory (omit to convert the base alone)")
-    p.add_argument("--format", required=True, choices=["gguf", "meta", "hf"], help="output layout")
+    p.add_argument("--format", required=True, choices=["gguf", "meta", "hf", "lora-gguf"],
+                   help="merged gguf / meta / hf, or lora-gguf: the adapter alone for llama.cpp's --lora")
     p.add_argument("--out", required=True, help="output .gguf file (gguf) or directory (meta, hf)")
     p.add_argument("--dtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
                    help="weight type (default f16 for gguf, bf16 for meta/hf; q8_0 is gguf only)")

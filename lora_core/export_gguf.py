@@ -84,3 +84,27 @@ def add_vocabulary(w, tok, plan: MergePlan):
 
     source = plan.ckpt.file if isinstance(plan.ckpt, GGUFCheckpoint) else None
     add_gguf_vocabulary(w, tok, source)
+
+
+def write_lora_gguf(plan: MergePlan, path: Path, alpha: float, dtype: str = "f32"):
+    """The adapter alone as a llama.cpp LoRA GGUF (for `--lora` at run time): A and B per layer under the
+    base tensor's name + .lora_a / .lora_b, B's q/k rows in Meta's (llama.cpp's) layout."""
+    import gguf
+
+    if plan.saved:
+        raise ValueError("a llama.cpp LoRA GGUF holds only A and B; this adapter also trains "
+                         f"{', '.join(n.removesuffix('.weight') for n in plan.saved)}: export a merged --format gguf")
+    names = name_map(plan.args.n_layers, "gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(alpha))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    to_np = (lambda t: t.float().contiguous().numpy()) if dtype == "f32" else (lambda t: t.half().contiguous().numpy())
+    for n, (b, a, _scale) in plan.lora.items():
+        w.add_tensor(names[n] + ".lora_a", to_np(a))
+        w.add_tensor(names[n] + ".lora_b", to_np(b))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -54,14 +54,16 @@ def write_tokenizer_files(tok: Tokenizer, out: Path):
         own.append(src)  # a tokenizer.model found one level up (Meta's layout)
     for f in own:
         shutil.copyfile(f, out / ("tokenizer.model" if f.suffix == ".model" else f.name))
-    if own:
+    if any(f.name == "tokenizer_config.json" for f in own):
         return
     if isinstance(tok, SentencePieceTokenizer):
-        (out / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
+        if not own:
+            (out / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
         cls, piece = "LlamaTokenizer", tok.sp.id_to_piece
     else:
         assert isinstance(tok, HFTokenizer)
-        tok.tok.save(str(out / "tokenizer.json"))
+        if not own:
+            tok.tok.save(str(out / "tokenizer.json"))
         cls, piece = "PreTrainedTokenizerFast", tok.tok.id_to_token
     config = {"tokenizer_class": cls, "add_bos_token": tok.add_bos, "add_eos_token": False,
               "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}

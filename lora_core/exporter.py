@@ -16,8 +16,9 @@ from .checkpoint import open_checkpoint
 from .loader import resolve_base
 from .merge import plan_merge
 
-FORMATS = ("gguf", "meta", "hf")
-DTYPES = {"gguf": ("f32", "f16", "bf16", "q8_0"), "meta": ("f32", "f16", "bf16"), "hf": ("f32", "f16", "bf16")}
+FORMATS = ("gguf", "meta", "hf", "lora-gguf")
+DTYPES = {"gguf": ("f32", "f16", "bf16", "q8_0"), "meta": ("f32", "f16", "bf16"), "hf": ("f32", "f16", "bf16"),
+          "lora-gguf": ("f32", "f16")}
 BYTES_PER_WEIGHT = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}
 # --verify: largest next-token logit difference accepted against base + adapter unmerged in fp32, as a
 # fraction of the largest |logit|; SmolLM2 measured 3.9e-6, 1.4e-3, 1.1e-2 and 3.5e-2 for these types
@@ -37,24 +38,28 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
            max_shard_bytes: int = 5 << 30) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose {', '.join(FORMATS)}")
-    dtype = dtype or ("f16" if fmt == "gguf" else "bf16")
+    dtype = dtype or {"gguf": "f16", "lora-gguf": "f32"}.get(fmt, "bf16")
     if dtype not in DTYPES[fmt]:
         raise ValueError(f"--dtype {dtype} is not available for --format {fmt}: choose {', '.join(DTYPES[fmt])}")
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
-    if fmt == "gguf" and out.suffix != ".gguf":
+    if fmt == "lora-gguf" and adapter is None:
+        raise ValueError("--format lora-gguf writes an adapter: give --adapter")
+    if fmt in ("gguf", "lora-gguf") and out.suffix != ".gguf":
         raise ValueError(f"{out}: a GGUF export is one file; name it *.gguf")
     ckpt = open_checkpoint(resolve_base(base))
     tok = tokenizer_of(ckpt)
     plan = plan_merge(ckpt, adapter)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    if fmt == "lora-gguf":
+        return _export_lora(plan, adapter, out, tmp, dtype)
     need = sum(torch.Size(s).numel() for s in plan.shapes.values()) * BYTES_PER_WEIGHT[dtype] * (2 if fmt == "meta" else 1)
     out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise OSError(f"{out.parent}: no room on disk: the export needs about {need / 2**30:.2f} GiB, "
                       f"{free / 2**30:.2f} GiB is free; free some space or choose another --out")
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     bar = tqdm(total=len(plan.shapes), desc=f"exporting {fmt} {dtype}", unit="tensor", file=sys.stderr)
     try:
         if fmt == "gguf":
@@ -85,6 +90,22 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
         raise
     except BaseException:
         bar.close()
+        _remove(tmp)
+        raise
+    return out
+
+
+def _export_lora(plan, adapter, out: Path, tmp: Path, dtype: str) -> Path:
+    import json
+
+    from .export_gguf import write_lora_gguf
+
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    try:
+        write_lora_gguf(plan, tmp, config["lora_alpha"], dtype)
+        _remove(out)
+        os.replace(tmp, out)
+    except BaseException:
         _remove(tmp)
         raise
     return out

@@ -216,3 +216,89 @@ def test_cli_verify_and_errors(adapter, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("export.py: error:")
     assert "--force" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def llama2_like(tmp_path_factory):
+    """A small random LLaMA in Meta's layout (untied, GQA) with LLaMA-2's real SentencePiece tokenizer,
+    plus a random adapter on it: the path of LLaMA 1/2 and Chinese-LLaMA users."""
+    import shutil
+
+    import lora_core
+    from conftest import TOKENIZERS, need_shared, random_meta_state, write_meta
+    from lora_core.adapter import save_adapter
+    from lora_core.loader import base_fingerprint
+    from lora_core.lora import apply_lora, lora_layers
+
+    params = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=64, norm_eps=1e-5, vocab_size=-1)
+    d = tmp_path_factory.mktemp("llama2like")
+    write_meta(d / "base", random_meta_state(params, 32000, tie=False), params)
+    shutil.copy(need_shared(TOKENIZERS / "llama2_tokenizer.model"), d / "base" / "tokenizer.model")
+    model, _ = lora_core.load(d / "base")
+    extras = {"base": str(d / "base"), "fingerprint": base_fingerprint(model), "vocab_size": model.args.vocab_size}
+    apply_lora(model, "q_proj,k_proj,v_proj,o_proj", r=4, alpha=8)
+    for m in lora_layers(model).values():
+        m.lora_B.data.normal_(0, 0.05)
+    save_adapter(model, d / "adapter", str(d / "base"), extras)
+    return d / "base", d / "adapter"
+
+
+def test_sentencepiece_base_exports_run_everywhere(llama2_like, tmp_path):
+    import lora_core
+    from lora_core.exporter import export
+
+    base, adapter = llama2_like
+    ref, tok = lora_core.load(base, adapter=adapter)
+    want = logits_of(ref, tok)
+    for fmt, name in (("gguf", "m.gguf"), ("meta", "meta"), ("hf", "hf")):
+        model, tok2 = lora_core.load(export(base, adapter, fmt, tmp_path / name, "f32"))
+        assert tok2.encode(PROMPTS[1]) == tok.encode(PROMPTS[1])
+        for got, w in zip(logits_of(model, tok2), want):
+            torch.testing.assert_close(got, w, atol=1e-4, rtol=0)
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok(PROMPTS[1])["input_ids"] == tok.encode(PROMPTS[1])
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    for prompt, w in zip(PROMPTS, want):
+        ids = tok.encode(prompt)
+        assert llm.tokenize(prompt.encode(), add_bos=True) == ids
+        llm.reset()
+        llm.eval(ids)
+        assert (torch.tensor(llm.scores[len(ids) - 1]) - w).abs().max().item() < 1e-2
+
+
+def test_lora_gguf_runs_in_llama_cpp_on_the_base(smollm2_path, tmp_path):
+    """The adapter alone as a llama.cpp LoRA GGUF: llama.cpp's base + --lora equals our base + adapter."""
+    import lora_core
+    from lora_core.adapter import save_adapter
+    from lora_core.exporter import export
+    from lora_core.lora import apply_lora, lora_layers
+
+    model, tok = lora_core.load(smollm2_path, dtype="fp32")
+    apply_lora(model, "q_proj,k_proj,v_proj,down_proj", r=4, alpha=8)
+    g = torch.Generator().manual_seed(1)
+    for m in lora_layers(model).values():
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.03
+    save_adapter(model, tmp_path / "a", str(smollm2_path))
+    want = logits_of(model, tok)
+    lora = export(smollm2_path, tmp_path / "a", "lora-gguf", tmp_path / "adapter.gguf")
+    with pytest.raises(ValueError, match="give --adapter"):
+        export(smollm2_path, None, "lora-gguf", tmp_path / "x.gguf")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
+    base = export(smollm2_path, None, "gguf", tmp_path / "base.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(base), lora_path=str(lora), n_ctx=256, n_threads=2, logits_all=True,
+                          verbose=False)
+    for prompt, w in zip(PROMPTS, want):
+        ids = tok.encode(prompt)
+        llm.reset()
+        llm.eval(ids)
+        assert (torch.tensor(llm.scores[len(ids) - 1]) - w).abs().max().item() < 2e-2
+
+
+def test_lora_gguf_refuses_modules_to_save(smollm2_path, adapter, tmp_path):
+    from lora_core.exporter import export
+
+    with pytest.raises(ValueError, match="holds only A and B.*lm_head"):
+        export(smollm2_path, adapter, "lora-gguf", tmp_path / "a.gguf")
+    assert list(tmp_path.iterdir()) == []

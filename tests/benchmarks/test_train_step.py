@@ -1,6 +1,7 @@
 """One optimizer step on SmolLM2-135M (micro-batch 4 x 256 tokens, LoRA r=8 on q,v and on all linear
 layers): our trainer's forward/backward with fp32, bf16 and int8 bases, and HF transformers + PEFT on
-the same model and batch, measured in the same run (fresh process each; median of 3 timed steps)."""
+the same model and batch, measured in the same run (fresh process each; median of 3 timed steps).
+"+ckpt" rows recompute each block in backward (activation checkpointing, --gradient-checkpointing)."""
 import json
 import subprocess
 import sys
@@ -12,8 +13,8 @@ pytestmark = pytest.mark.benchmark
 CHILD = Path(__file__).with_name("train_step_child.py")
 
 
-def run(impl, dtype, targets):
-    r = subprocess.run([sys.executable, str(CHILD), impl, dtype, targets], capture_output=True, text=True)
+def run(impl, dtype, targets, *extra):
+    r = subprocess.run([sys.executable, str(CHILD), impl, dtype, targets, *extra], capture_output=True, text=True)
     if r.returncode:
         return None, r.stderr.strip().splitlines()[-1][:80]
     return json.loads(r.stdout.strip().splitlines()[-1]), ""
@@ -27,6 +28,7 @@ def test_train_step_against_hf_peft():
         ref, _ = run("hf", "fp32", targets)
         rows = [("HF+PEFT", "fp32", ref, "")] + [("HF+PEFT", "bf16", *run("hf", "bf16", targets))]
         rows += [("lora-core", d, *run("ours", d, targets)) for d in ("fp32", "bf16", "int8")]
+        rows += [("lora-core +ckpt", d, *run("ours", d, targets, "checkpointing")) for d in ("fp32", "int8")]
         for impl, dtype, m, err in rows:
             if m is None:
                 print(f"{label:<10}{impl:<18}{dtype:<6}  failed: {err}")

@@ -7,6 +7,7 @@ import time
 import torch
 
 impl, base_dtype, targets = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+recompute = sys.argv[4:] == ["checkpointing"]  # ours with activation checkpointing
 STEPS, B, T = 4, 4, 256
 torch.manual_seed(0)
 tokens = torch.randint(100, 40000, (B, T))
@@ -26,6 +27,7 @@ if impl == "ours":
     model, _ = lora_core.load("smollm2-135m", dtype=base_dtype)
     apply_lora(model, targets, r=8, alpha=16, dropout=0.05)
     mark_only_lora_trainable(model)
+    model.gradient_checkpointing = recompute
     model.train()
 
     def loss_fn():
