@@ -44,7 +44,7 @@ def write_meta(plan: MergePlan, tok, out: Path, dtype: str, progress=None):
     from .export_tokenizer import write_tokenizer_files
 
     torch_dtype = META_DTYPES[dtype]
-    plan.untie()  # Meta checkpoints always carry output.weight
+    plan.untie()  # Meta checkpoints always carry output.weight (the exporter has usually done this already)
     meta = name_map(plan.args.n_layers, "meta")
     raw = out / "weights.raw"
     offsets, pos = {}, 0

@@ -52,10 +52,12 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
     tok = tokenizer_of(ckpt)
     plan = plan_merge(ckpt, adapter)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "lora-gguf":
         return _export_lora(plan, adapter, out, tmp, dtype)
+    if fmt == "meta":
+        plan.untie()  # Meta checkpoints always carry output.weight
     need = sum(torch.Size(s).numel() for s in plan.shapes.values()) * BYTES_PER_WEIGHT[dtype] * (2 if fmt == "meta" else 1)
-    out.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise OSError(f"{out.parent}: no room on disk: the export needs about {need / 2**30:.2f} GiB, "

@@ -302,3 +302,23 @@ def test_lora_gguf_refuses_modules_to_save(smollm2_path, adapter, tmp_path):
     with pytest.raises(ValueError, match="holds only A and B.*lm_head"):
         export(smollm2_path, adapter, "lora-gguf", tmp_path / "a.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_for_another_shape_or_vocabulary_refused(smollm2_path, llama2_like, tmp_path):
+    """A LLaMA-2-shaped adapter on SmolLM2: refused by its recorded vocabulary, and, as a plain PEFT
+    adapter without our metadata, by its tensor shapes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lora_core.exporter import export
+
+    _, other = llama2_like
+    with pytest.raises(ValueError, match="32000-token vocabulary"):
+        export(smollm2_path, other, "gguf", tmp_path / "m.gguf")
+    plain = tmp_path / "plain"
+    shutil.copytree(other, plain)
+    save_file(load_file(str(plain / "adapter_model.safetensors")), str(plain / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="trained on another base"):
+        export(smollm2_path, plain, "hf", tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
