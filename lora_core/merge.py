@@ -73,11 +73,11 @@ def plan_merge(ckpt: Checkpoint, adapter_dir: str | Path | None) -> MergePlan:
         if name not in shapes or b is None:
             raise ValueError(f"{adapter_dir}: {key} names no layer of this base (or has no lora_B): "
                              "the adapter was trained on another model")
-        heads = rope_heads(args, name)
-        b = hf_to_meta_rows(b.float(), heads) if heads is not None else b.float()
         if (b.shape[0], a.shape[1]) != shapes[name] or b.shape[1] != a.shape[0]:
             raise ValueError(f"{adapter_dir}: {module} has A {tuple(a.shape)}, B {tuple(b.shape)}; the base weight is "
                              f"{shapes[name]}: the adapter was trained on another base")
+        heads = rope_heads(args, name)
+        b = hf_to_meta_rows(b.float(), heads) if heads is not None else b.float()
         plan.lora[name] = (b, a.float(), scale)
     if not plan.lora:
         raise ValueError(f"{adapter_dir}: no LoRA layer matched this base; nothing would be merged")
