@@ -20,7 +20,7 @@ PEFT_PREFIX = "base_model.model.model."
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 
 
-def _saved_module_key(name: str) -> str:
+def saved_module_key(name: str) -> str:
     """PEFT's key for a modules_to_save weight: lm_head sits beside the inner model, the rest inside it."""
     return f"base_model.model.{name}.weight" if name == "lm_head" else f"{PEFT_PREFIX}{name}.weight"
 
@@ -55,7 +55,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", ext
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
     for name in modules_to_save:
-        tensors[_saved_module_key(name)] = model.get_submodule(name).weight.detach().contiguous()
+        tensors[saved_module_key(name)] = model.get_submodule(name).weight.detach().contiguous()
     first = next(iter(layers.values()))
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     config = {
@@ -156,7 +156,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
             m.lora_A.copy_(a.float())
             m.lora_B.copy_(b)
     for name in enable_modules_to_save(model, config.get("modules_to_save") or []):
-        weight = tensors.get(_saved_module_key(name))
+        weight = tensors.get(saved_module_key(name))
         target = model.get_submodule(name).weight
         if weight is None or weight.shape != target.shape:
             raise ValueError(f"{adapter_dir}: modules_to_save {name!r} is missing or has the wrong shape "

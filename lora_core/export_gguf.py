@@ -62,13 +62,14 @@ def write_gguf(plan: MergePlan, tok, path: Path, dtype: str, name: str = "", pro
     if dtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocabulary(w, tok, plan)
+    Q = gguf.GGMLQuantizationType
+    stored = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16, Q.Q8_0: np.uint8}  # numpy type written
     for n, shape in plan.shapes.items():
         kind = kinds[n]
-        byte_shape = gguf.quant_shape_to_byte_shape(shape, kind) if kind == gguf.GGMLQuantizationType.Q8_0 else shape
-        item = np.uint8 if kind == gguf.GGMLQuantizationType.Q8_0 else (np.uint16 if kind.name == "BF16" else
-                                                                        np.float16 if kind.name == "F16" else np.float32)
-        nbytes = int(np.prod(byte_shape)) * np.dtype(item).itemsize
-        w.add_tensor_info(names[n], byte_shape, np.dtype(item), nbytes, raw_dtype=None if item in (np.float32, np.float16) else kind)
+        byte_shape = gguf.quant_shape_to_byte_shape(shape, kind) if kind == Q.Q8_0 else shape
+        item = np.dtype(stored[kind])
+        raw = None if kind in (Q.F32, Q.F16) else kind  # numpy cannot name these types itself
+        w.add_tensor_info(names[n], byte_shape, item, int(np.prod(byte_shape)) * item.itemsize, raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()

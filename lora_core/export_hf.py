@@ -47,21 +47,19 @@ def write_hf(plan: MergePlan, tok, out: Path, dtype: str, max_shard_bytes: int =
     files = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     where = {n: f for f, names in zip(files, shards) for n in names}
-    writers = {}
-    for n, t in plan.tensors():
-        f = where[n]
-        if f not in writers:
-            for done in writers.values():
-                done.close()
-            names = [m for m in shards[files.index(f)]]
-            writers[f] = SafetensorsWriter(out / f, {hf[m]: (plan.shapes[m], torch_dtype) for m in names},
-                                           {"format": "pt"})
+    writer = None
+    for n, t in plan.tensors():  # tensors arrive in shard order: the shards were cut from the same order
+        if writer is None or writer.path.name != where[n]:
+            if writer is not None:
+                writer.close()
+            names = shards[files.index(where[n])]
+            writer = SafetensorsWriter(out / where[n], {hf[m]: (plan.shapes[m], torch_dtype) for m in names})
         heads = rope_heads(plan.args, n)
-        writers[f].write(hf[n], meta_to_hf_rows(t, heads) if heads is not None else t)
+        writer.write(hf[n], meta_to_hf_rows(t, heads) if heads is not None else t)
         if progress:
             progress(n)
-    for wr in writers.values():
-        wr.f.closed or wr.close()
+    if writer is not None:
+        writer.close()
     if len(files) > 1:
         total = sum(torch.Size(s).numel() * torch_dtype.itemsize for s in plan.shapes.values())
         index = {"metadata": {"total_size": total}, "weight_map": {hf[n]: where[n] for n in plan.shapes}}

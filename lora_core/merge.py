@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from .adapter import PEFT_PREFIX, _saved_module_key, check_base, read_adapter
+from .adapter import PEFT_PREFIX, check_base, read_adapter, saved_module_key
 from .checkpoint import Checkpoint, hf_to_meta_rows, name_map, rope_heads
 from .config import ModelArgs
 from .loader import fingerprint, meta_model
@@ -82,7 +82,7 @@ def plan_merge(ckpt: Checkpoint, adapter_dir: str | Path | None) -> MergePlan:
     if not plan.lora:
         raise ValueError(f"{adapter_dir}: no LoRA layer matched this base; nothing would be merged")
     for module in config.get("modules_to_save") or []:
-        w = tensors.get(_saved_module_key(module))
+        w = tensors.get(saved_module_key(module))
         name = module + ".weight"
         want = shapes["embed_tokens.weight"] if name == "lm_head.weight" else shapes.get(name)
         if w is None or tuple(w.shape) != want:
