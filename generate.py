@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_args(a: argparse.Namespace) -> list[str]:
-    """Refuse combinations that cannot apply together; return warnings for settings that do nothing."""
+    """Refuse combinations that cannot apply together; return warnings for settings that do nothing
+    (Sampling.check adds those about the decoding filters)."""
     modes = [m for m, on in (("--prompt", a.prompt is not None), ("--input-file", a.input_file),
                              ("--interactive", a.interactive)) if on]
     if len(modes) != 1:
@@ -55,13 +56,9 @@ def check_args(a: argparse.Namespace) -> list[str]:
         raise ValueError("--raw sends --prompt as is: it cannot go with --template, --input, --input-file or --interactive")
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
-    warnings = []
-    if a.temperature == 0:
-        if a.top_k or (a.top_p is not None and a.top_p < 1):
-            warnings.append("--temperature 0 is greedy decoding: --top-k and --top-p have no effect")
-        if a.seed is not None:
-            warnings.append("--temperature 0 is greedy decoding: --seed has no effect")
-    return warnings
+    if a.temperature == 0 and a.seed is not None:
+        return ["--temperature 0 is greedy decoding: --seed has no effect"]
+    return []
 
 
 def sampling_of(a: argparse.Namespace):
@@ -71,7 +68,8 @@ def sampling_of(a: argparse.Namespace):
     top_k = a.top_k if a.top_k is not None else (0 if greedy else 40)
     top_p = a.top_p if a.top_p is not None else (1.0 if greedy else 0.9)
     s = Sampling(a.temperature, top_k, top_p, a.repetition_penalty)
-    s.check()
+    for w in s.check():  # warns about filters given with greedy decoding
+        print(f"generate.py: warning: {w}", file=sys.stderr)
     return s
 
 

@@ -41,10 +41,10 @@ def meta_params(plan: MergePlan) -> dict:
 
 
 def write_meta(plan: MergePlan, tok, out: Path, dtype: str, progress=None):
+    """The plan comes untied (MergePlan.untie, done by the exporter): Meta checkpoints carry output.weight."""
     from .export_tokenizer import write_tokenizer_files
 
     torch_dtype = META_DTYPES[dtype]
-    plan.untie()  # Meta checkpoints always carry output.weight (the exporter has usually done this already)
     meta = name_map(plan.args.n_layers, "meta")
     raw = out / "weights.raw"
     offsets, pos = {}, 0

@@ -54,7 +54,7 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "lora-gguf":
-        return _export_lora(plan, adapter, out, tmp, dtype)
+        return _export_lora(plan, out, tmp, dtype)
     if fmt == "meta":
         plan.untie()  # Meta checkpoints always carry output.weight
     need = sum(torch.Size(s).numel() for s in plan.shapes.values()) * BYTES_PER_WEIGHT[dtype] * (2 if fmt == "meta" else 1)
@@ -97,14 +97,11 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
     return out
 
 
-def _export_lora(plan, adapter, out: Path, tmp: Path, dtype: str) -> Path:
-    import json
-
+def _export_lora(plan, out: Path, tmp: Path, dtype: str) -> Path:
     from .export_gguf import write_lora_gguf
 
-    config = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
     try:
-        write_lora_gguf(plan, tmp, config["lora_alpha"], dtype)
+        write_lora_gguf(plan, tmp, plan.alpha, dtype)
         _remove(out)
         os.replace(tmp, out)
     except BaseException:

@@ -26,6 +26,7 @@ class MergePlan:
     shapes: dict[str, tuple[int, ...]]
     lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)  # name -> (B, A, scale)
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save weights by tensor name
+    alpha: float | None = None  # the adapter's lora_alpha (llama.cpp LoRA files record it)
 
     def untie(self):
         """Write lm_head as a tensor of its own even when the base shares it with the embedding."""
@@ -63,6 +64,7 @@ def plan_merge(ckpt: Checkpoint, adapter_dir: str | Path | None) -> MergePlan:
     check_base(adapter_dir, extras, fingerprint(ckpt.args, embed[:16]), args.vocab_size, str(ckpt.path))
     if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
         raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-layer rank/alpha patterns are not supported")
+    plan.alpha = config["lora_alpha"]
     scale = config["lora_alpha"] / config["r"]
     for key, a in tensors.items():
         if not key.endswith(("lora_A.weight", "lora_A.default.weight")):
