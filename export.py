@@ -1,46 +1,7 @@
-"""export.py: merge a LoRA adapter into its base and write weights llama.cpp (and transformers) run.
-
-    python export.py --adapter lora-out --format gguf --out smollm2-lora.gguf --verify
-    python export.py --adapter lora-out --format hf --out merged-hf
-    python export.py --adapter lora-out --format meta --out merged-meta
-    python export.py --adapter lora-out --format lora-gguf --out adapter.gguf   # llama-cli -m base.gguf --lora adapter.gguf
-"""
-from __future__ import annotations
-
-import argparse
+"""python export.py ... runs the same program as `lora-export` (the code is lora_core/cli/export.py)."""
 import sys
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base and export the result.")
-    p.add_argument("--base", default=None, help="model dir, .gguf or smollm2-135m (default: the adapter's own base)")
-    p.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory (omit to convert the base alone)")
-    p.add_argument("--format", required=True, choices=["gguf", "meta", "hf", "lora-gguf"],
-                   help="merged gguf / meta / hf, or lora-gguf: the adapter alone for llama.cpp's --lora")
-    p.add_argument("--out", required=True, help="output .gguf file (gguf) or directory (meta, hf)")
-    p.add_argument("--dtype", default=None, choices=["f32", "f16", "bf16", "q8_0"],
-                   help="weight type (default f16 for gguf, bf16 for meta/hf; q8_0 is gguf only)")
-    p.add_argument("--verify", action="store_true", help="reload the export and compare logits with base + adapter")
-    p.add_argument("--force", action="store_true", help="replace an existing output")
-    p.add_argument("--max-shard-size", type=float, default=5.0, help="hf: GiB per safetensors shard")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    a = parse_args(argv)
-    try:
-        import lora_core
-        from lora_core.adapter import adapter_extras
-        from lora_core.exporter import export
-
-        base = a.base or (adapter_extras(a.adapter).get("base") if a.adapter else None) or lora_core.DEFAULT_BASE
-        out = export(base, a.adapter, a.format, a.out, a.dtype, a.force, a.verify, int(a.max_shard_size * 2**30))
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}", file=sys.stderr)
-    return 0
-
+from lora_core.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

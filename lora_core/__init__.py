@@ -9,6 +9,7 @@ from .loader import load_model, resolve_base
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 
+__version__ = "0.2.0"
 DEFAULT_BASE = "smollm2-135m"
 
 __all__ = ["load", "load_model", "load_tokenizer", "open_checkpoint", "ModelArgs", "Transformer", "KVCache",

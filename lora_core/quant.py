@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.int8_linear import OUTLIER_THRESHOLD, int8_linear
-from kernels.reference import dequantize_rowwise
+from .kernels.int8_linear import OUTLIER_THRESHOLD, int8_linear
+from .kernels.reference import dequantize_rowwise
 
 from .lora import TARGETS
 
@@ -15,7 +15,7 @@ QUANT_ROWS = 4096  # rows quantized at once while loading, to bound temporaries
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (int8 (N, K), fp32 scale (N,)), a block of rows at a time."""
-    from kernels.cpu import quantize_rowwise
+    from .kernels.cpu import quantize_rowwise
 
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     s = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from conftest import DATA, need_shared
-from kernels import cpu, reference as ref
-from kernels.int8_linear import int8_linear
+from lora_core.kernels import cpu, reference as ref
+from lora_core.kernels.int8_linear import int8_linear
 from lora_core.lora import LoRALinear
 from lora_core.quant import Int8Linear
 
@@ -19,7 +19,7 @@ SHAPES = [(1, 37, 50), (5, 123, 77), (123, 64, 129), (16, 96, 33)]  # (M, K, N):
 @pytest.fixture(scope="module")
 def triton_ops():
     pytest.importorskip("triton")
-    from kernels import triton_int8
+    from lora_core.kernels import triton_int8
 
     assert triton_int8.interpreting(), "tests run Triton in its interpreter (TRITON_INTERPRET=1 from conftest)"
     return triton_int8

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from bench_util import median_seconds
-from kernels import cpu
-from kernels.int8_linear import int8_linear
-from kernels.reference import quantize_rowwise
+from lora_core.kernels import cpu
+from lora_core.kernels.int8_linear import int8_linear
+from lora_core.kernels.reference import quantize_rowwise
 
 pytestmark = pytest.mark.benchmark
 
