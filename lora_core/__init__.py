@@ -3,8 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .checkpoint import GGUFCheckpoint, open_checkpoint
 from .config import ModelArgs
+from .device import pick_device
 from .loader import load_model, resolve_base
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
@@ -40,12 +43,15 @@ def tokenizer_of(ckpt, tokenizer: str | Path | None = None) -> Tokenizer:
 
 
 def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | Path | None = None,
-         adapter: str | Path | None = None, progress: bool = False) -> tuple[Transformer, Tokenizer]:
+         adapter: str | Path | None = None, progress: bool = False,
+         device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name.
 
     dtype "int8" quantizes the seven projection layers of every block while loading (the rest stays
-    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged.
+    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged. The weights are read on the CPU,
+    then moved to `device` ("auto": CUDA when present).
     """
+    device = pick_device(device) if isinstance(device, str) else device
     ckpt = open_checkpoint(resolve_base(base))
     tok = tokenizer_of(ckpt, tokenizer)
     if dtype == "int8":
@@ -60,4 +66,4 @@ def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | 
 
         check_base(adapter, adapter_extras(adapter), base_fingerprint(model), model.args.vocab_size, str(base))
         load_adapter(model, adapter)
-    return model, tok
+    return model.to(device), tok

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from . import load, tokenizer_of
 from .checkpoint import open_checkpoint
+from .device import model_device
 from .loader import resolve_base
 from .merge import plan_merge
 
@@ -35,7 +36,7 @@ def _remove(path: Path):
 
 
 def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool = False, verify: bool = False,
-           max_shard_bytes: int = 5 << 30) -> Path:
+           max_shard_bytes: int = 5 << 30, device: str | torch.device = "cpu") -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose {', '.join(FORMATS)}")
     dtype = dtype or {"gguf": "f16", "lora-gguf": "f32"}.get(fmt, "bf16")
@@ -80,7 +81,7 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
                 write_meta(plan, tok, tmp, dtype, progress=lambda _: bar.update())
         bar.close()
         if verify:
-            verify_export(base, adapter, tmp, dtype)
+            verify_export(base, adapter, tmp, dtype, device)
         _remove(out)
         os.replace(tmp, out)
     except OSError as e:
@@ -111,13 +112,13 @@ def _export_lora(plan, out: Path, tmp: Path, dtype: str) -> Path:
 
 
 @torch.inference_mode()
-def verify_export(base, adapter, written: Path, dtype: str) -> float:
+def verify_export(base, adapter, written: Path, dtype: str, device: str | torch.device = "cpu") -> float:
     """Next-token logits of the written model against base + adapter unmerged (fp32); raise above tolerance."""
-    reference, tok = load(base, dtype="fp32", adapter=adapter)
-    exported, _ = load(written, dtype="fp32")
+    reference, tok = load(base, dtype="fp32", adapter=adapter, device=device)
+    exported, _ = load(written, dtype="fp32", device=device)
     worst, scale = 0.0, 0.0
     for prompt in VERIFY_PROMPTS:
-        x = torch.tensor([tok.encode(prompt)])
+        x = torch.tensor([tok.encode(prompt)], device=model_device(reference))
         want, got = reference(x)[0, -1], exported(x)[0, -1]
         worst, scale = max(worst, (want - got).abs().max().item()), max(scale, want.abs().max().item())
     limit = TOLERANCE[dtype] * scale

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .device import autocast
 from .model import KVCache, Transformer
 from .sampling import Sampling, next_token
 
@@ -93,7 +94,8 @@ def decode_head(model: Transformer):
 
 def _next_logits(model: Transformer, head, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """fp32 logits (vocab,) of the last position only: the prompt's other positions need none."""
-    return head(model.hidden(tokens, cache=cache)[0, -1:]).float()[0]
+    with autocast(tokens.device):
+        return head(model.hidden(tokens, cache=cache)[0, -1:]).float()[0]
 
 
 @torch.inference_mode()
@@ -111,18 +113,19 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
     if len(prompt_ids) >= context:
         raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {context}: shorten it")
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    cache = KVCache(model.args, 1, len(prompt_ids) + max_new_tokens, dtype)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    seen = torch.zeros(model.args.vocab_size, dtype=torch.bool)
-    seen[torch.tensor(prompt_ids)] = True
+    weight = model.embed_tokens.weight
+    device = weight.device
+    cache = KVCache(model.args, 1, len(prompt_ids) + max_new_tokens, weight.dtype, device)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device=device)
+    seen[torch.tensor(prompt_ids, device=device)] = True
     decoder, stopper = tok.stream(), TextStopper(stop)
     emit = on_text or (lambda _: None)
     new, reason, steps = [], "length", 0
 
     head = decode_head(model)
     t0 = time.perf_counter()
-    logits = _next_logits(model, head, torch.tensor([prompt_ids]), cache)
+    logits = _next_logits(model, head, torch.tensor([prompt_ids], device=device), cache)
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
@@ -137,7 +140,7 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
             reason = "stop"
             break
         if i + 1 < max_new_tokens:
-            logits = _next_logits(model, head, torch.tensor([[nxt]]), cache)
+            logits = _next_logits(model, head, torch.tensor([[nxt]], device=device), cache)
             steps += 1
     if not stopper.stopped:  # a character left unfinished by the last token is dropped, not shown as U+FFFD
         emit(stopper.add(decoder.flush().rstrip("\ufffd")))

@@ -24,8 +24,9 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha = r, alpha
         self.scale = alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32))  # (r, in)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32))  # (out, r)
+        device = next(iter([*base.parameters(), *base.buffers()])).device  # an int8 base has only buffers
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32, device=device))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default, as PEFT does
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False

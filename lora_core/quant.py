@@ -27,7 +27,6 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """A frozen Linear with int8 weights; drop-in for nn.Linear (bias-free LLaMA layers)."""
 
-    backend = "auto"  # "cpu" / "triton" to force a path (tests)
     threshold = OUTLIER_THRESHOLD  # LLM.int8 outlier threshold; 0 quantizes every input feature
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
@@ -43,7 +42,7 @@ class Int8Linear(nn.Module):
         return cls(q, s, None if bias is None else bias.detach().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.qweight, self.scale, self.bias, self.backend, self.threshold)
+        return int8_linear(x, self.qweight, self.scale, self.bias, self.threshold)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_rowwise(self.qweight, self.scale)

@@ -23,6 +23,8 @@ def save_checkpoint(dirpath: Path, model, optimizer, step: int, modules_to_save,
     save_adapter(model, tmp, extras=extras, modules_to_save=tuple(modules_to_save))
     state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
              "python_rng": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()  # dropout masks drawn on the GPU
     torch.save(state, tmp / STATE_NAME)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -46,5 +48,7 @@ def restore_checkpoint(path: Path, model, make_optimizer) -> tuple[int, torch.op
         raise ValueError(f"{path / STATE_NAME}: unreadable ({e}); delete this checkpoint to resume from the one before") from e
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(state["python_rng"])
     return state["step"], optimizer

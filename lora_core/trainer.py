@@ -17,6 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from .data import IGNORE, Example, load_examples, load_template, show_example, split_validation
+from .device import autocast, model_device, pick_device
+from .kernels import dispatch
 
 
 @dataclass
@@ -52,6 +54,8 @@ class TrainConfig:
     strict: bool = False
     gradient_checkpointing: bool = False
     keep_checkpoints: int = 2
+    device: str = "auto"
+    int8_path: str | None = None
 
     def check(self):
         if self.batch_size % self.micro_batch_size:
@@ -95,13 +99,14 @@ def step_indices(n: int, lengths: list[int], step: int, cfg: TrainConfig) -> lis
 
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) input ids and labels; a causal model never lets padding reach real tokens."""
+    """Right-padded (B, T) input ids and labels, built on the host (the loop moves them in one copy); a
+    causal model never lets padding reach real tokens."""
     T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long, device="cpu")
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long, device="cpu")
     for i, e in enumerate(examples):
-        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids, device="cpu")
+        labels[i, :len(e.labels)] = torch.tensor(e.labels, device="cpu")
     return ids, labels
 
 
@@ -166,15 +171,19 @@ def micro_batches(examples: list[Example], size: int) -> list[list[Example]]:
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def accumulate_gradients(model, examples: list[Example], n_targets: int, micro_size: int, pad_id: int) -> tuple[float, int]:
+def accumulate_gradients(model, examples: list[Example], n_targets: int, micro_size: int,
+                         pad_id: int) -> tuple[torch.Tensor, int]:
     """Backward over micro-batches with each loss divided by the whole step's target count, so k
-    micro-batches give exactly the gradient of one batch of k. Returns (loss sum / n_targets, tokens)."""
-    total, tokens = 0.0, 0
+    micro-batches give exactly the gradient of one batch of k. Returns (loss sum / n_targets as a 0-d
+    tensor on the model's device, tokens); the caller reads the loss once per step."""
+    device = model_device(model)
+    total, tokens = torch.zeros((), device=device), 0
     for mb in micro_batches(examples, micro_size):
-        ids, labels = collate(mb, pad_id)
-        loss = summed_loss(model, ids, labels) / n_targets
+        ids, labels = (t.to(device, non_blocking=True) for t in collate(mb, pad_id))
+        with autocast(device):
+            loss = summed_loss(model, ids, labels) / n_targets
         loss.backward()
-        total += loss.item()
+        total += loss.detach()
         tokens += int(ids.numel())
     return total, tokens
 
@@ -183,21 +192,30 @@ def accumulate_gradients(model, examples: list[Example], n_targets: int, micro_s
 def evaluate(model, examples: list[Example], micro_size: int, pad_id: int) -> float:
     was_training = model.training
     model.eval()
-    total = sum(summed_loss(model, *collate(mb, pad_id)).item() for mb in micro_batches(examples, micro_size))
+    device = model_device(model)
+    total = torch.zeros((), device=device)
+    for mb in micro_batches(examples, micro_size):
+        with autocast(device):
+            total += summed_loss(model, *(t.to(device) for t in collate(mb, pad_id)))
     model.train(was_training)
+    total = total.item()
     return total / sum(e.n_targets for e in examples)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, initialising the process group; (0, 1) otherwise."""
+def _distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device) under torchrun, initialising the process group (NCCL for CUDA
+    tensors, gloo for CPU ones); (0, 1, device) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1
+        return 0, 1, device
     import torch.distributed as dist
 
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -210,13 +228,16 @@ def train(cfg: TrainConfig) -> dict:
     from .train_state import latest_checkpoint, restore_checkpoint, save_checkpoint
 
     cfg.check()
-    rank, world = _distributed()
+    if cfg.int8_path:
+        dispatch.force(cfg.int8_path)
+    rank, world, device = _distributed(pick_device(cfg.device))
     main = rank == 0
     out = Path(cfg.output)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
     model, tok = lora_core.load(cfg.base, dtype=cfg.base_dtype, progress=main)
+    model.to(device)  # before LoRA and the optimizer state, which are made on the base's device
     template = load_template(cfg.template)
     examples, report = load_examples(cfg.data, tok, template, cfg.cutoff_len, cfg.train_on_inputs, cfg.strict)
     if cfg.val_data:
@@ -267,7 +288,10 @@ def train(cfg: TrainConfig) -> dict:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "training_args.json").write_text(json.dumps(asdict(cfg), indent=2, ensure_ascii=False))
+        run = {**asdict(cfg), "device": str(device)}
+        if cfg.base_dtype == "int8" and device.type == "cpu":
+            run["int8_paths"] = dispatch.plan().to_dict()
+        (out / "training_args.json").write_text(json.dumps(run, indent=2, ensure_ascii=False))
     log = MetricsLog(out / "metrics.jsonl", resume_step=start) if main else None
     lengths = [len(e.input_ids) for e in train_set]
     bar = tqdm(total=total_steps, initial=start, disable=not main, unit="step", dynamic_ncols=True)
@@ -282,10 +306,11 @@ def train(cfg: TrainConfig) -> dict:
         loss, tokens = accumulate_gradients(model, batch[rank::world], n_targets, cfg.micro_batch_size, tok.pad_id)
         if world > 1:
             loss, tokens = _all_reduce_grads(trainable, loss, tokens)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        loss, grad_norm = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the one host sync of the step
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step + 1}: the loss is {loss}; stopped before the adapter was touched "
                                      f"(lower --lr or check the data); the last checkpoint in {ckpt_dir} is intact")
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
@@ -309,7 +334,7 @@ def train(cfg: TrainConfig) -> dict:
     return row
 
 
-def _all_reduce_grads(params, loss: float, tokens: int) -> tuple[float, int]:
+def _all_reduce_grads(params, loss: torch.Tensor, tokens: int) -> tuple[torch.Tensor, int]:
     """Sum gradients (each rank's loss is already divided by the global target count) and the stats."""
     import torch.distributed as dist
 
@@ -317,6 +342,6 @@ def _all_reduce_grads(params, loss: float, tokens: int) -> tuple[float, int]:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
-    stats = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+    stats = torch.stack([loss.double(), torch.tensor(float(tokens), dtype=torch.float64, device=loss.device)])
     dist.all_reduce(stats)
-    return stats[0].item(), int(stats[1].item())
+    return stats[0], int(stats[1].item())

@@ -1,22 +1,37 @@
 """Shared fixtures: paths to ../shared, the embedded SmolLM2 base, tiny random checkpoints."""
 from __future__ import annotations
 
+import json
+import math
 import os
+import tempfile
+from pathlib import Path
 
-# no GPU here, ever: Triton kernels run in its interpreter, which must be chosen before triton is imported
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import json  # noqa: E402
-import math  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before triton is imported
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# the tests (and the CLIs they start) keep their int8 plan and built C kernel out of the user's cache
+os.environ.setdefault("LORA_CORE_CACHE", os.path.join(tempfile.gettempdir(), f"lora-core-tests-{os.getuid()}"))
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TOKENIZERS = SHARED / "tokenizers"
 DATA = SHARED / "data"
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, whatever ran before it (order-independent results)."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 def need_shared(path: Path) -> Path:

@@ -23,8 +23,9 @@ def adapter(smollm2_path, tmp_path_factory):
     model, _ = lora_core.load(smollm2_path, dtype="fp32")
     extras = {"base": str(smollm2_path), "fingerprint": base_fingerprint(model), "vocab_size": model.args.vocab_size}
     apply_lora(model, "all", r=4, alpha=8)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # A and B from this generator: the same adapter whatever ran before
     for m in lora_layers(model).values():
+        m.lora_A.data = torch.rand(m.lora_A.shape, generator=g).sub_(0.5).mul_(2 / m.in_features ** 0.5)
         m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.03
     enable_modules_to_save(model, ["lm_head"])
     model.lm_head.weight.data += torch.randn(model.lm_head.weight.shape, generator=g) * 0.01

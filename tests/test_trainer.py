@@ -42,7 +42,7 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_base):
         examples, _ = load_examples(need_shared(DATA / "luotuo_developer_instruction.json"), tok, ALPACA, 128)
         batch = examples[:8]
         loss, _ = accumulate_gradients(model, batch, sum(e.n_targets for e in batch), micro, tok.pad_id)
-        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss1, g1 = grads(8)
     for micro in (1, 3):  # 3 does not divide 8: a short last micro-batch

@@ -23,6 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--verify", action="store_true", help="reload the export and compare logits with base + adapter")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="hf: GiB per safetensors shard")
+    p.add_argument("--device", default="auto", help="where --verify runs the two models: auto, cpu, cuda")
     return p.parse_args(argv)
 
 
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
         from lora_core.exporter import export
 
         base = a.base or (adapter_extras(a.adapter).get("base") if a.adapter else None) or lora_core.DEFAULT_BASE
-        out = export(base, a.adapter, a.format, a.out, a.dtype, a.force, a.verify, int(a.max_shard_size * 2**30))
+        out = export(base, a.adapter, a.format, a.out, a.dtype, a.force, a.verify, int(a.max_shard_size * 2**30),
+                     device=a.device)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1

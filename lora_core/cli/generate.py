@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default: the "
                    "template's next '### Instruction:')")
     p.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--int8-path", default=None, help="force the int8 kernels: dequant, gemv, weight_only, int_mm, "
+                   "or forward=NAME (default: measured for this CPU)")
     return p.parse_args(argv)
 
 
@@ -153,7 +156,11 @@ def main(argv=None) -> int:
 
         template = None if a.raw else load_template(a.template or trained_template(a.adapter))
         base = a.base or (adapter_extras(a.adapter).get("base") if a.adapter else None) or lora_core.DEFAULT_BASE
-        model, tok = lora_core.load(base, dtype=a.base_dtype, adapter=a.adapter)
+        if a.int8_path:
+            from lora_core.kernels import dispatch
+
+            dispatch.force(a.int8_path)
+        model, tok = lora_core.load(base, dtype=a.base_dtype, adapter=a.adapter, device=a.device)
         stop = tuple(a.stop) if a.stop is not None else (
             () if template is None else template.chat_stop if a.interactive else template.stop)
         if a.input_file:

@@ -44,6 +44,9 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--group-by-length", action="store_true", help="batch examples of similar length")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--int8-path", default=None, help="force the int8 kernels: dequant, gemv, weight_only, int_mm, "
+                   "or forward=NAME,backward=NAME (default: measured for this CPU)")
     a = p.parse_args(argv)
     fields = {k: v for k, v in vars(a).items() if k not in ("modules_to_save",)}
     fields["modules_to_save"] = [m for m in a.modules_to_save.split(",") if m]

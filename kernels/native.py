@@ -1,0 +1,104 @@
+"""Our C kernel (int8_gemv.c), compiled on first use with the machine's C compiler and called via ctypes.
+
+Built once per source, compiler and flags into the user cache directory (written to a temporary name,
+renamed when complete). Unavailable, with the reason, off x86-64, without AVX2/FMA or without a compiler:
+the dispatcher then chooses among torch's own paths.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import cpu_info
+
+SOURCE = Path(__file__).with_name("int8_gemv.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared"]
+
+
+def _torch_uses_gnu_openmp() -> bool:
+    """Is torch's libgomp loaded in this process? Then our -fopenmp build shares that runtime (same soname)
+    instead of starting a second thread pool that would fight torch's for the cores."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return "libgomp" in f.read()
+    except OSError:
+        return False
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str, flags: list[str], out: Path):
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
+        if r.returncode:
+            last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{cc} could not build {SOURCE.name}: {last}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded int8_gemv library, "") or (None, why it is unavailable)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not (cpu_info.has("avx2") and cpu_info.has("fma3")):
+        return None, "needs an x86-64 CPU with AVX2 and FMA"
+    cc = _compiler()
+    if cc is None:
+        return None, "needs a C compiler (cc, gcc or clang on PATH, or $CC); install one, e.g. apt install gcc"
+    flags = FLAGS + (["-fopenmp"] if _torch_uses_gnu_openmp() else [])
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"the C compiler {cc} does not run ({e})"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, version, *flags]).encode()).hexdigest()[:16]
+    for folder in (cpu_info.user_cache_dir() / "native", Path(tempfile.gettempdir()) / f"lora-core-{os.getuid()}"):
+        so = folder / f"int8_gemv-{key}.so"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not so.is_file():
+                _build(cc, flags, so)
+            lib = ctypes.CDLL(str(so))
+            break
+        except RuntimeError as e:
+            return None, str(e)
+        except (OSError, subprocess.SubprocessError):
+            continue  # an unwritable cache directory, or a damaged build: try the next place
+    else:
+        return None, f"could not build or load {SOURCE.name} in {cpu_info.user_cache_dir() / 'native'}"
+    lib.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    lib.int8_gemv.restype = None
+    return lib, ""
+
+
+def available() -> bool:
+    return library()[0] is not None
+
+
+def gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float @ (qw (N, K) int8 * sw (N,)[:, None])^T -> (M, N) fp32, weights widened in registers."""
+    lib, why = library()
+    if lib is None:
+        raise RuntimeError(f"the gemv int8 kernel is unavailable: {why}")
+    M, K = x.shape
+    N, K2 = qw.shape
+    if K != K2 or qw.dtype != torch.int8 or sw.shape != (N,) or x.device.type != "cpu":
+        raise ValueError(f"gemv needs CPU x (M, K), int8 qw (N, K) and sw (N,); got {tuple(x.shape)}, "
+                         f"{qw.dtype}{tuple(qw.shape)}, {tuple(sw.shape)} on {x.device}")
+    x = x.float().contiguous()
+    qw, sw = qw.contiguous(), sw.float().contiguous()
+    y = torch.empty((M, N), dtype=torch.float32)
+    lib.int8_gemv(x.data_ptr(), qw.data_ptr(), sw.data_ptr(), y.data_ptr(), M, K, N)
+    return y
