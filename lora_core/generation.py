@@ -21,7 +21,7 @@ from .sampling import Sampling, next_token
 class Generated:
     text: str
     token_ids: list[int]
-    stop_reason: str  # "eos", "stop" (a stop string) or "length"
+    stop_reason: str  # "eos", "stop" (a stop string), "length" or "cancelled"
     prompt_tokens: int
     prefill_s: float
     decode_steps: int  # one-token forward passes after the prefill
@@ -101,8 +101,10 @@ def _next_logits(model: Transformer, head, tokens: torch.Tensor, cache: KVCache)
 @torch.inference_mode()
 def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling = Sampling(),
              max_new_tokens: int = 256, stop: tuple[str, ...] = (), seed: int | None = None,
-             on_text: Callable[[str], None] | None = None, ignore_eos: bool = False) -> Generated:
-    """Continue prompt_ids; stops at EOS, at a stop string (cut off) or after max_new_tokens.
+             on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
+             should_stop: Callable[[], bool] | None = None) -> Generated:
+    """Continue prompt_ids; stops at EOS, at a stop string (cut off), after max_new_tokens, or when
+    should_stop() says so (a stop button, a client gone: stop_reason "cancelled").
 
     on_text receives the response piece by piece as it becomes final; ignore_eos (benchmarks) runs
     to max_new_tokens.
@@ -138,6 +140,9 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
         emit(stopper.add(decoder.put(nxt)))
         if stopper.stopped:
             reason = "stop"
+            break
+        if should_stop is not None and should_stop():
+            reason = "cancelled"
             break
         if i + 1 < max_new_tokens:
             logits = _next_logits(model, head, torch.tensor([[nxt]], device=device), cache)
