@@ -15,7 +15,6 @@ import triton.language as tl
 from .reference import EPS, QMAX  # the one definition of the quantization grid
 
 
-
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -1,20 +1,28 @@
-"""Adapters on disk in PEFT's format: adapter_config.json + adapter_model.safetensors.
+"""Adapters on disk in PEFT's format: adapter_config.json + adapter_model.safetensors (or legacy .bin).
 
-PEFT keys name HF modules ('base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight') and HF's
-q/k rows are permuted relative to our Meta layout, so lora_B of q_proj/k_proj is permuted on the way
-in and out. Our extras (base fingerprint, vocab size) ride in the safetensors metadata, which PEFT ignores.
+One reader, `read_adapter`, turns a directory into an `Adapter` in our layout; loading (apply_adapter)
+and merging (export/merge.py) both consume it. PEFT keys name HF modules
+('base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight') and HF's q/k rows are permuted
+relative to our Meta layout, so lora_B of q_proj/k_proj is permuted on the way in and out. Our extras
+(base, fingerprint, vocab size) ride in the safetensors metadata, which PEFT ignores.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import hf_to_meta_rows, meta_to_hf_rows, rope_heads
+from .config import ModelArgs
 from .lora import apply_lora, enable_modules_to_save, lora_layers
+from .model import PROJECTIONS
+from .names import hf_to_meta_rows, meta_to_hf_rows, rope_heads
 
 PEFT_PREFIX = "base_model.model.model."
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -25,20 +33,205 @@ def saved_module_key(name: str) -> str:
     return f"base_model.model.{name}.weight" if name == "lm_head" else f"{PEFT_PREFIX}{name}.weight"
 
 
+@dataclass
+class Adapter:
+    """A LoRA adapter in our layout: A (r, in) and B (out, r) per module, B's q/k rows in Meta's order."""
+
+    path: Path
+    r: int
+    alpha: float
+    dropout: float
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]]  # our module name -> (A, B), fp32
+    saved: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: module name -> weight
+    base: str | None = None  # what lora-core recorded at training time (None for PEFT's own adapters)
+    fingerprint: str | None = None
+    vocab_size: int | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    @property
+    def targets(self) -> list[str]:
+        return sorted({name.rpartition(".")[2] for name in self.layers})
+
+    def check_base(self, fingerprint: str, vocab_size: int, base: str):
+        """Refuse a base other than the one the adapter was trained on (when the adapter recorded it)."""
+        trained_on = self.base or "another base"
+        if self.vocab_size is not None and self.vocab_size != vocab_size:
+            raise ValueError(f"{self.path}: trained on {trained_on} with a {self.vocab_size}-token vocabulary; {base} "
+                             f"has {vocab_size}: pass the adapter's own base with --base")
+        if self.fingerprint and self.fingerprint != fingerprint:
+            raise ValueError(f"{self.path}: trained on {trained_on} (fingerprint {self.fingerprint}); {base} has "
+                             f"fingerprint {fingerprint}: pass the adapter's own base with --base")
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e}); fix it or re-save the adapter") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
+    if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{path}: rsLoRA, DoRA and per-layer rank/alpha patterns are not supported")
+    for key, kind in (("r", int), ("lora_alpha", (int, float)), ("lora_dropout", (int, float))):
+        value = config.get(key, 0.0 if key == "lora_dropout" else None)
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < 0 or (
+                key != "lora_dropout" and value <= 0):
+            raise ValueError(f"{path}: {key} is {value!r}; it must be a positive number" +
+                             (" (an integer)" if key == "r" else ""))
+    return config
+
+
+def _read_tensors(d: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(PEFT-named tensors, our extras) from adapter_model.safetensors or the legacy .bin."""
+    if (d / WEIGHTS_NAME).is_file():
+        try:
+            with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                extras = json.loads((f.metadata() or {}).get("lora_core", "{}"))
+        except (SafetensorError, json.JSONDecodeError) as e:
+            raise ValueError(f"{d / WEIGHTS_NAME}: corrupt or truncated ({e}); retrain or re-copy the adapter") from e
+        return tensors, extras if isinstance(extras, dict) else {}
+    if (d / LEGACY_WEIGHTS_NAME).is_file():
+        try:
+            return torch.load(d / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True), {}
+        except (RuntimeError, EOFError, OSError) as e:
+            raise ValueError(f"{d / LEGACY_WEIGHTS_NAME}: unreadable ({e}); retrain or re-copy the adapter") from e
+    raise FileNotFoundError(f"{d}: no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME}")
+
+
+def _module_of(key: str, which: str) -> str | None:
+    """'base_model.model.model.layers.0.self_attn.q_proj.lora_A(.default).weight' -> 'layers.0.self_attn.q_proj'."""
+    for suffix in (f".lora_{which}.weight", f".lora_{which}.default.weight"):
+        if key.endswith(suffix):
+            return key.removesuffix(suffix).removeprefix(PEFT_PREFIX)
+    return None
+
+
+def read_adapter(adapter_dir: str | Path, args: ModelArgs) -> Adapter:
+    """The adapter in our layout, checked for what a file can get wrong: an empty or truncated file, a rank
+    or target list that disagrees with the tensors, A/B pairs that do not fit `args`, NaN or inf values."""
+    d = Path(adapter_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such adapter directory (it holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    config = _read_config(d / CONFIG_NAME)
+    tensors, extras = _read_tensors(d)
+    r, alpha = config["r"], float(config["lora_alpha"])
+    a_keys = {m: k for k in tensors if (m := _module_of(k, "A")) is not None}
+    if not a_keys:
+        raise ValueError(f"{d}: the adapter holds no LoRA tensors (an empty adapter file); retrain it")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    wanted = {t for t in targets if t in PROJECTIONS}
+    held = {m.rpartition(".")[2] for m in a_keys}
+    if isinstance(config.get("target_modules"), list) and held - wanted:
+        raise ValueError(f"{d / CONFIG_NAME}: target_modules lists {sorted(wanted)} but the tensors also hold "
+                         f"{sorted(held - wanted)}; the config does not belong to these weights")
+    layers = {}
+    for module, a_key in sorted(a_keys.items()):
+        b = tensors.get(a_key.replace("lora_A", "lora_B"))
+        a = tensors[a_key]
+        if b is None:
+            raise ValueError(f"{d}: {a_key} has no lora_B; the adapter file is incomplete")
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(f"{d}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)} but {CONFIG_NAME} says "
+                             f"r={r}; the config does not belong to these weights")
+        a, b = a.float(), b.float()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"{d}: {module} holds NaN or inf values; the adapter is damaged, retrain it or use an "
+                             "earlier checkpoint")
+        heads = rope_heads(args, module)
+        if heads is not None and b.shape[0] % (2 * heads) == 0:  # other shapes cannot fit: refused where applied
+            b = hf_to_meta_rows(b, heads)
+        layers[module] = (a.contiguous(), b.contiguous())
+    saved = {}
+    for module in config.get("modules_to_save") or []:
+        weight = tensors.get(saved_module_key(module))
+        if weight is None:
+            raise ValueError(f"{d}: modules_to_save lists {module!r} but the file holds no {saved_module_key(module)}")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"{d}: {module} holds NaN or inf values; the adapter is damaged")
+        saved[module] = weight.float()
+    return Adapter(d, r, alpha, float(config.get("lora_dropout", 0.0)), layers, saved,
+                   base=extras.get("base"), fingerprint=extras.get("fingerprint"), vocab_size=extras.get("vocab_size"))
+
+
+def adapter_extras(adapter_dir: str | Path) -> dict:
+    """What lora-core recorded with the adapter (base, fingerprint, vocab_size), without reading tensors;
+    {} for PEFT's own adapters. The CLIs use it to find the adapter's base."""
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    if not path.is_file():
+        if not Path(adapter_dir).is_dir():
+            raise FileNotFoundError(f"{adapter_dir}: no such adapter directory (it holds {CONFIG_NAME} and "
+                                    f"{WEIGHTS_NAME})")
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            extras = json.loads((f.metadata() or {}).get("lora_core", "{}"))
+    except (SafetensorError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: corrupt or truncated ({e}); retrain or re-copy the adapter") from e
+    return extras if isinstance(extras, dict) else {}
+
+
+def apply_adapter(model: nn.Module, adapter: Adapter):
+    """Wrap the adapter's layers in LoRALinear, unmerged, and copy its tensors in; the model keeps its mode."""
+    training = model.training  # new dropout modules start in training mode; keep the model's mode
+    apply_lora(model, adapter.targets, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout)
+    model.train(training)
+    layers = lora_layers(model)
+    missing = sorted(set(layers) - set(adapter.layers))
+    unknown = sorted(set(adapter.layers) - set(layers))
+    if missing or unknown:
+        name = (unknown or missing)[0]
+        raise ValueError(f"{adapter.path}: {'no layer of this model is called' if unknown else 'no A/B for'} {name}; "
+                         "the adapter was trained on another model")
+    for name, m in layers.items():
+        a, b = adapter.layers[name]
+        if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
+            raise ValueError(f"{adapter.path}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; this base needs "
+                             f"{tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}: the adapter was trained on another "
+                             "base")
+        with torch.no_grad():
+            m.lora_A.copy_(a)
+            m.lora_B.copy_(b)
+    for name in enable_modules_to_save(model, list(adapter.saved)):
+        target = model.get_submodule(name).weight
+        weight = adapter.saved[name]
+        if weight.shape != target.shape:
+            raise ValueError(f"{adapter.path}: modules_to_save {name!r} has shape {tuple(weight.shape)}, this base "
+                             f"needs {tuple(target.shape)}: the adapter was trained on another base")
+        with torch.no_grad():
+            target.copy_(weight)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Adapter:
+    """read_adapter + apply_adapter: a PEFT LoRA adapter (ours or PEFT's) on the model, unmerged."""
+    adapter = read_adapter(adapter_dir, model.args)
+    apply_adapter(model, adapter)
+    return adapter
+
+
 def _atomic_write(path: Path, write):
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", extras: dict | None = None,
                  modules_to_save: tuple[str, ...] = ()) -> Path:
     """Write the model's LoRA layers (and fully trained modules) as a PEFT adapter.
 
-    Refuses an adapter with no LoRA tensors and re-reads what it wrote.
+    Refuses an adapter with no LoRA tensors or with NaN/inf values, and re-reads what it wrote.
     """
-    from safetensors.torch import load_file, save_file
-
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers: nothing to save (apply_lora first)")
@@ -48,20 +241,24 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", ext
         raise ValueError(f"PEFT's format needs one r and alpha for all layers; found r={ranks}, alpha={alphas}")
     tensors = {}
     for name, m in layers.items():
-        b = m.lora_B.detach().float()
+        b = m.lora_B.detach().float().cpu()
         heads = rope_heads(model.args, name)
         if heads is not None:
             b = meta_to_hf_rows(b, heads)
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
     for name in modules_to_save:
-        tensors[saved_module_key(name)] = model.get_submodule(name).weight.detach().contiguous()
+        tensors[saved_module_key(name)] = model.get_submodule(name).weight.detach().cpu().contiguous()
+    bad = next((k for k, t in tensors.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise FloatingPointError(f"{bad} holds NaN or inf values; not written to {out_dir} (lower --lr)")
     first = next(iter(layers.values()))
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_name),
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout, "bias": "none",
-        "target_modules": sorted({n.rpartition(".")[2] for n in layers}), "modules_to_save": list(modules_to_save) or None,
+        "target_modules": sorted({n.rpartition(".")[2] for n in layers}),
+        "modules_to_save": list(modules_to_save) or None,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
     }
     out = Path(out_dir)
@@ -73,94 +270,3 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", ext
     if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k]) for k in tensors):
         raise OSError(f"{out / WEIGHTS_NAME}: the adapter read back differs from what was written; check the disk")
     return out
-
-
-def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
-    """(adapter_config, PEFT-named tensors, our extras) from a PEFT adapter directory."""
-    d = Path(adapter_dir)
-    cfg_path = d / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path}: missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: malformed JSON ({e.msg} at line {e.lineno})") from e
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}; only LORA adapters are supported")
-    extras = {}
-    if (d / WEIGHTS_NAME).is_file():
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-                extras = json.loads((f.metadata() or {}).get("lora_core", "{}"))
-        except SafetensorError as e:
-            raise ValueError(f"{d / WEIGHTS_NAME}: corrupt or truncated ({e}); retrain or re-copy the adapter") from e
-    elif (d / LEGACY_WEIGHTS_NAME).is_file():
-        tensors = torch.load(d / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{d}: no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME}")
-    if not any(".lora_A" in k for k in tensors):
-        raise ValueError(f"{d}: the adapter holds no LoRA tensors (an empty adapter file); retrain it")
-    return config, tensors, extras
-
-
-def adapter_extras(adapter_dir: str | Path) -> dict:
-    """What lora-core recorded with the adapter (base, fingerprint, vocab_size); {} for PEFT's own adapters."""
-    path = Path(adapter_dir) / WEIGHTS_NAME
-    if not path.is_file():
-        return {}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("lora_core", "{}"))
-    except SafetensorError as e:
-        raise ValueError(f"{path}: corrupt or truncated ({e}); retrain or re-copy the adapter") from e
-
-
-def check_base(adapter_dir: str | Path, extras: dict, fingerprint: str, vocab_size: int, base: str):
-    """Refuse a base other than the one the adapter was trained on (when the adapter recorded it)."""
-    want_vocab, want_fp = extras.get("vocab_size"), extras.get("fingerprint")
-    trained_on = extras.get("base", "another base")
-    if want_vocab is not None and want_vocab != vocab_size:
-        raise ValueError(f"{adapter_dir}: trained on {trained_on} with a {want_vocab}-token vocabulary; {base} has "
-                         f"{vocab_size}: pass the adapter's own base with --base")
-    if want_fp and want_fp != fingerprint:
-        raise ValueError(f"{adapter_dir}: trained on {trained_on} (fingerprint {want_fp}); {base} has fingerprint "
-                         f"{fingerprint}: pass the adapter's own base with --base")
-
-
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> dict:
-    """Apply a PEFT LoRA adapter (ours or PEFT's) to the model, unmerged; returns our extras."""
-    config, tensors, extras = read_adapter(adapter_dir)
-    if config.get("use_rslora") or config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(f"{adapter_dir}: rsLoRA, DoRA and per-layer rank/alpha patterns are not supported")
-    training = model.training  # new dropout modules start in training mode; keep the model's mode
-    apply_lora(model, config["target_modules"], r=config["r"], alpha=config["lora_alpha"],
-               dropout=config.get("lora_dropout", 0.0))
-    model.train(training)
-    layers = lora_layers(model)
-    for name, m in layers.items():
-        key = f"{PEFT_PREFIX}{name}"
-        a, b = (tensors.get(f"{key}.lora_{x}.weight", tensors.get(f"{key}.lora_{x}.default.weight")) for x in "AB")
-        if a is None or b is None:
-            raise ValueError(f"{adapter_dir}: no lora_A/lora_B for {name}; the adapter was trained on another model")
-        if a.shape != m.lora_A.shape or b.shape != m.lora_B.shape:
-            raise ValueError(f"{adapter_dir}: {name} has A {tuple(a.shape)}, B {tuple(b.shape)}; this base needs "
-                             f"{tuple(m.lora_A.shape)}, {tuple(m.lora_B.shape)}: the adapter was trained on another base")
-        heads = rope_heads(model.args, name)
-        b = hf_to_meta_rows(b.float(), heads) if heads is not None else b.float()
-        with torch.no_grad():
-            m.lora_A.copy_(a.float())
-            m.lora_B.copy_(b)
-    for name in enable_modules_to_save(model, config.get("modules_to_save") or []):
-        weight = tensors.get(saved_module_key(name))
-        target = model.get_submodule(name).weight
-        if weight is None or weight.shape != target.shape:
-            raise ValueError(f"{adapter_dir}: modules_to_save {name!r} is missing or has the wrong shape "
-                             f"({None if weight is None else tuple(weight.shape)} vs {tuple(target.shape)})")
-        with torch.no_grad():
-            target.copy_(weight.float())
-    return extras

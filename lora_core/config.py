@@ -38,7 +38,7 @@ class ModelArgs:
         return asdict(self)
 
     @classmethod
-    def from_meta_params(cls, params: dict, vocab_size: int | None = None) -> "ModelArgs":
+    def from_meta_params(cls, params: dict, vocab_size: int | None = None) -> ModelArgs:
         """Meta's params.json; the FFN size follows llama/model.py's multiple_of rule."""
         dim = params["dim"]
         hidden = int(2 * (4 * dim) / 3)
@@ -61,18 +61,20 @@ class ModelArgs:
             norm_eps=params.get("norm_eps", 1e-5),
             rope_theta=params.get("rope_theta", 10000.0),
             max_seq_len=params.get("max_seq_len", 2048),
-            rope_scaling=_llama3_scaling(params.get("rope_scaling_factor", 8.0)) if params.get("use_scaled_rope") else None,
+            rope_scaling=(_llama3_scaling(params.get("rope_scaling_factor", 8.0)) if params.get("use_scaled_rope")
+                          else None),
         )
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict) -> ModelArgs:
         """HF LlamaConfig as config.json."""
         arch = cfg.get("model_type", "llama")
         if arch != "llama":
             raise ValueError(f"config.json has model_type {arch!r}; only 'llama' is supported")
         head_dim = cfg.get("head_dim")
         if head_dim and head_dim != cfg["hidden_size"] // cfg["num_attention_heads"]:
-            raise ValueError(f"config.json head_dim {head_dim} differs from hidden_size / num_attention_heads; not supported")
+            raise ValueError(f"config.json head_dim {head_dim} differs from hidden_size / num_attention_heads; "
+                             "not supported")
         return cls(
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
@@ -88,7 +90,7 @@ class ModelArgs:
         )
 
     @classmethod
-    def from_gguf(cls, meta: dict, tensor_names: set[str], n_vocab_tokens: int | None = None) -> "ModelArgs":
+    def from_gguf(cls, meta: dict, tensor_names: set[str], n_vocab_tokens: int | None = None) -> ModelArgs:
         """GGUF key/values (llama.* keys); tied when the file has no output.weight."""
         arch = meta.get("general.architecture")
         if arch != "llama":

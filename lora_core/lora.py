@@ -9,10 +9,17 @@ import math
 import torch
 from torch import nn
 
-# names users know (HF) and Meta's names for the same layers
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .model import PROJECTIONS
+
+# Meta's names for the same layers
 META_ALIASES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj",
                 "w2": "down_proj"}
+
+
+def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B @ A in fp32, W (out, in), A (r, in), B (out, r), scale = alpha / r: the one formula the
+    LoRA layer's merge and the exporter's streamed merge share."""
+    return w.float() + scale * (b.float() @ a.float())
 
 
 class LoRALinear(nn.Module):
@@ -40,17 +47,13 @@ class LoRALinear(nn.Module):
         h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r)
         return y + (h @ self.lora_B.t() * self.scale).to(y.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) * B @ A in fp32: (out, in)."""
-        return self.scale * (self.lora_B @ self.lora_A)
-
     @torch.no_grad()
     def merge(self):
         """Fold the update into a float base weight; a second merge is refused, never applied twice."""
         if self.merged:
             raise RuntimeError("this LoRA layer is already merged; unmerge() first")
         w = self._float_base_weight()
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        w.copy_(merged_weight(w, self.lora_A, self.lora_B, self.scale).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -58,7 +61,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("this LoRA layer is not merged")
         w = self._float_base_weight()
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w.copy_(merged_weight(w, self.lora_A, self.lora_B, -self.scale).to(w.dtype))
         self.merged = False
 
     def _float_base_weight(self) -> torch.Tensor:
@@ -77,11 +80,11 @@ def parse_targets(targets: str | list[str]) -> list[str]:
     out = []
     for n in (n.strip() for n in names if n.strip()):
         if n == "all":
-            out.extend(TARGETS)
-        elif n in TARGETS or n in META_ALIASES:
+            out.extend(PROJECTIONS)
+        elif n in PROJECTIONS or n in META_ALIASES:
             out.append(META_ALIASES.get(n, n))
         else:
-            raise ValueError(f"unknown LoRA target {n!r}; choose from {', '.join(TARGETS)}, Meta's wq..w3, or all")
+            raise ValueError(f"unknown LoRA target {n!r}; choose from {', '.join(PROJECTIONS)}, Meta's wq..w3, or all")
     return list(dict.fromkeys(out))
 
 
@@ -115,7 +118,8 @@ def enable_modules_to_save(model: nn.Module, names) -> list[str]:
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"modules_to_save: the model has no module {name!r} (embed_tokens and lm_head are usual)") from None
+            raise ValueError(f"modules_to_save: the model has no module {name!r} (embed_tokens and lm_head are "
+                             "usual)") from None
         for pname, p in list(module.named_parameters(recurse=False)):
             setattr(module, pname, nn.Parameter(p.detach().float().clone(), requires_grad=True))
     return names

@@ -11,8 +11,26 @@ class MetricsLog:
         self.path = path
         self.rows = []
         if resume_step and path.is_file():  # keep what the resumed run had logged up to its checkpoint
-            self.rows = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= resume_step]
+            self.rows = [r for r in self._read(path) if r.get("step", 0) <= resume_step]
         self._rewrite()
+
+    @staticmethod
+    def _read(path: Path) -> list[dict]:
+        """The rows of metrics.jsonl; a torn last line (a kill during its write) is dropped, a bad line
+        before it is an error naming the file and line."""
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+                rows.append(row)
+            except ValueError as e:
+                if i == len(lines):
+                    break  # written half when the run was killed
+                raise ValueError(f"{path}:{i}: not a metrics row ({e}); delete the line or the file to resume") from e
+        return rows
 
     def _rewrite(self):
         tmp = self.path.with_name(self.path.name + ".tmp")

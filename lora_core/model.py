@@ -16,6 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelArgs
 
+# the seven projection layers of a block (HF's names): what LoRA targets and what an int8 base quantizes
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -40,7 +43,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
     wavelen = 2 * math.pi / inv_freq
     smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
     scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return torch.where(wavelen < original / high, inv_freq, torch.where(wavelen > original / low, inv_freq / factor, scaled))
+    long_scaled = torch.where(wavelen > original / low, inv_freq / factor, scaled)
+    return torch.where(wavelen < original / high, inv_freq, long_scaled)
 
 
 def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -136,8 +140,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
-        # activation checkpointing: keep only each block's input, recompute the block during backward
-        self.gradient_checkpointing = False
+        # activation recomputation: keep only each block's input, recompute the block during backward
+        self.recompute_activations = False
         self.tie_weights()
 
     def tie_weights(self):
@@ -177,7 +181,7 @@ class Transformer(nn.Module):
         rot = rope_rotation(positions, rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, tokens.device))
         mask = self._mask(attention_mask, B, T, past, tokens.device)
         h = self.embed_tokens(tokens)
-        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
+        recompute = self.recompute_activations and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
                 h = checkpoint(layer, h, rot, mask, None, use_reentrant=False)

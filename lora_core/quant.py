@@ -1,22 +1,21 @@
 """Int8 base layers: weights stored as int8 with one fp32 scale per output channel (symmetric absmax),
-quantized while the checkpoint loads, frozen; activations quantized per token on the fly."""
+quantized while the checkpoint loads, frozen; each product runs on the path lora_core.kernels.dispatch
+measured for this machine."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .kernels.cpu import quantize_rowwise
 from .kernels.int8_linear import OUTLIER_THRESHOLD, int8_linear
 from .kernels.reference import dequantize_rowwise
-
-from .lora import TARGETS
+from .model import PROJECTIONS
 
 QUANT_ROWS = 4096  # rows quantized at once while loading, to bound temporaries
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (int8 (N, K), fp32 scale (N,)), a block of rows at a time."""
-    from .kernels.cpu import quantize_rowwise
-
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     s = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
     for r0 in range(0, w.shape[0], QUANT_ROWS):
@@ -37,7 +36,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         q, s = quantize_weight(weight.detach())
         return cls(q, s, None if bias is None else bias.detach().float())
 
@@ -54,7 +53,7 @@ class Int8Linear(nn.Module):
 def quantize_on_load(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
     """loader hook: the seven projection weights of each block become Int8Linear as they arrive."""
     module_name, _, attr = name.rpartition(".")
-    if attr != "weight" or module_name.rpartition(".")[2] not in TARGETS:
+    if attr != "weight" or module_name.rpartition(".")[2] not in PROJECTIONS:
         return False
     parent, _, child = module_name.rpartition(".")
     setattr(model.get_submodule(parent), child, Int8Linear.from_float(tensor))
@@ -64,7 +63,15 @@ def quantize_on_load(model: nn.Module, name: str, tensor: torch.Tensor) -> bool:
 def quantize_model(model: nn.Module) -> nn.Module:
     """Replace the projection Linears of an already loaded float model by Int8Linear."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in TARGETS:
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in PROJECTIONS:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, Int8Linear.from_float(module.weight, module.bias))
     return model
+
+
+def add_int8_output_head(model: nn.Module):
+    """An int8 weight-only copy of lm_head for decoding (model.lm_head_int8), made when an int8 base is loaded
+    (after its adapter, so a trained lm_head is the one copied). One token per step reads all of lm_head:
+    in fp32, SmolLM2's 49152 x 576 matrix is a third of the bytes read per token. Training keeps the float
+    lm_head; generation uses this copy where it exists (lora_core.generation.output_head)."""
+    model.lm_head_int8 = Int8Linear.from_float(model.lm_head.weight)

@@ -39,7 +39,7 @@ class Tokenizer:
     def decode(self, ids) -> str:
         raise NotImplementedError
 
-    def stream(self) -> "StreamDecoder":
+    def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
     def __repr__(self):
@@ -162,7 +162,8 @@ def _gguf_id(f: GGUFFile, name: str, default):
 
 def _bpe_from_gguf(f: GGUFFile) -> HFTokenizer:
     """GPT-2 style byte-level BPE (SmolLM2) from tokenizer.ggml.{tokens,merges,token_type}."""
-    from tokenizers import AddedToken, Tokenizer as TkTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as TkTokenizer
 
     tokens = f.meta("tokenizer.ggml.tokens")
     types = f.meta("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)

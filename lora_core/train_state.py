@@ -1,7 +1,9 @@
-"""Training checkpoints: adapter + optimizer + RNG + step, written to a temporary directory and renamed
-only when complete, so an interrupted run always resumes from a whole checkpoint."""
+"""Training checkpoints (snapshots of a run): adapter + optimizer + RNG + step + the run's settings, written
+to a temporary directory and renamed only when complete, so an interrupted run always resumes from a
+whole checkpoint, and a failed write (a full disk) leaves nothing behind."""
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -14,20 +16,34 @@ from .adapter import load_adapter, save_adapter
 STATE_NAME = "trainer_state.pt"
 
 
-def save_checkpoint(dirpath: Path, model, optimizer, step: int, modules_to_save, keep: int, extras: dict):
-    """checkpoints/step-NNNNNN, complete or absent; older ones beyond `keep` are removed."""
+def remove_partial(dirpath: Path):
+    """Temporary directories of checkpoint writes that never finished (a killed or failed run)."""
+    for tmp in dirpath.glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(dirpath: Path, model, optimizer, step: int, modules_to_save, keep: int, extras: dict,
+                    config: dict) -> Path:
+    """checkpoints/step-NNNNNNN, complete or absent; older ones beyond `keep` are removed."""
     dirpath.mkdir(parents=True, exist_ok=True)
     final = dirpath / f"step-{step:07d}"
     tmp = dirpath / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp, extras=extras, modules_to_save=tuple(modules_to_save))
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "python_rng": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()  # dropout masks drawn on the GPU
-    torch.save(state, tmp / STATE_NAME)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        save_adapter(model, tmp, extras=extras, modules_to_save=tuple(modules_to_save))
+        state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "python_rng": random.getstate(), "config": config}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()  # dropout masks drawn on the GPU
+        torch.save(state, tmp / STATE_NAME)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"{dirpath}: the disk filled up while writing the step-{step} checkpoint; "
+                          "nothing partial was kept. Free some space and run again with --resume") from e
+        raise
     for old in sorted(dirpath.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -38,17 +54,21 @@ def latest_checkpoint(dirpath: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def restore_checkpoint(path: Path, model, make_optimizer) -> tuple[int, torch.optim.Optimizer]:
+def read_state(path: Path) -> dict:
+    try:
+        return torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path / STATE_NAME}: unreadable ({e}); delete this checkpoint to resume from the one "
+                         "before") from e
+
+
+def restore_checkpoint(path: Path, model, make_optimizer, state: dict) -> torch.optim.Optimizer:
     """Apply the checkpoint's adapter to the (LoRA-free) model, rebuild the optimizer, restore RNG states."""
     load_adapter(model, path)
     optimizer = make_optimizer()
-    try:
-        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path / STATE_NAME}: unreadable ({e}); delete this checkpoint to resume from the one before") from e
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(state["python_rng"])
-    return state["step"], optimizer
+    return optimizer

@@ -10,8 +10,9 @@ import torch
 def meta_to_gguf_name(name: str) -> str:
     """Meta key -> llama.cpp tensor name (as convert_hf_to_gguf.py names them)."""
     table = {
-        "tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight",
-        "attention.wq.weight": "attn_q.weight", "attention.wk.weight": "attn_k.weight", "attention.wv.weight": "attn_v.weight",
+        "tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+        "output.weight": "output.weight", "attention.wq.weight": "attn_q.weight",
+        "attention.wk.weight": "attn_k.weight", "attention.wv.weight": "attn_v.weight",
         "attention.wo.weight": "attn_output.weight", "feed_forward.w1.weight": "ffn_gate.weight",
         "feed_forward.w2.weight": "ffn_down.weight", "feed_forward.w3.weight": "ffn_up.weight",
         "attention_norm.weight": "attn_norm.weight", "ffn_norm.weight": "ffn_norm.weight",
@@ -47,7 +48,8 @@ def write_gguf(path: Path, sd: dict, params: dict, hidden_dim: int, qtypes: dict
         sp = spm.SentencePieceProcessor(model_file=str(sp_model))
         types = []
         for i in range(sp.get_piece_size()):
-            types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1)
+            kind = 2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1
+            types.append(5 if sp.is_unused(i) and kind == 1 else kind)
         w.add_tokenizer_model("llama")
         w.add_token_list([sp.id_to_piece(i) for i in range(sp.get_piece_size())])
         w.add_token_scores([sp.get_score(i) for i in range(sp.get_piece_size())])
@@ -70,7 +72,8 @@ def write_gguf(path: Path, sd: dict, params: dict, hidden_dim: int, qtypes: dict
         else:
             data = gguf.quants.quantize(arr, qtype)
         w.add_tensor(meta_to_gguf_name(name), data, raw_dtype=qtype if kind not in ("F32", "F16") else None)
-        seen[name] = torch.from_numpy(np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(arr.shape))
+        back = np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32)
+        seen[name] = torch.from_numpy(back.reshape(arr.shape))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

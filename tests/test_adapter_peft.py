@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
+from helpers import random_meta_state, write_hf
 from torch import nn
 
-from conftest import random_meta_state, write_hf
 from lora_core.adapter import load_adapter, read_adapter, save_adapter
-from lora_core.checkpoint import open_checkpoint
 from lora_core.loader import load_model
 from lora_core.lora import LoRALinear, apply_lora
+from lora_core.weights import open_weights
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -30,7 +30,7 @@ def hf_model(path):
 
 def adapted_model(hf_dir, targets, r, alpha):
     """Our model from hf_dir with LoRA whose B is random, so the adapter changes the output."""
-    model = load_model(open_checkpoint(hf_dir))
+    model = load_model(open_weights(hf_dir))
     apply_lora(model, targets, r=r, alpha=alpha)
     for m in model.modules():
         if isinstance(m, LoRALinear):
@@ -49,7 +49,7 @@ def test_peft_adapter_loads_in_ours(hf_dir, tmp_path):
         if "lora_B" in name:
             nn.init.normal_(p, std=0.2)
     ref.save_pretrained(tmp_path / "peft")
-    ours = load_model(open_checkpoint(hf_dir))
+    ours = load_model(open_weights(hf_dir))
     load_adapter(ours, tmp_path / "peft")
     with torch.no_grad():
         expected = ref(TOKENS).logits
@@ -64,7 +64,8 @@ def test_our_adapter_loads_in_peft(hf_dir, tmp_path):
     save_adapter(ours, tmp_path / "ad", base_name=str(hf_dir), extras={"vocab_size": 80})
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8 and sorted(cfg["target_modules"]) == sorted(TARGETS)
-    assert read_adapter(tmp_path / "ad")[2] == {"vocab_size": 80}
+    back = read_adapter(tmp_path / "ad", ours.args)
+    assert back.vocab_size == 80 and back.base is None and back.r == 8 and len(back.layers) == 7 * 2
     ref = peft.PeftModel.from_pretrained(hf_model(hf_dir), tmp_path / "ad").eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), ref(TOKENS).logits, atol=3e-5, rtol=1e-5)
@@ -77,14 +78,14 @@ def test_legacy_bin_adapter(hf_dir, tmp_path):
     save_adapter(ours, tmp_path / "ad")
     (tmp_path / "ad" / "adapter_model.safetensors").rename(tmp_path / "st")
     torch.save(load_file(tmp_path / "st"), tmp_path / "ad" / "adapter_model.bin")
-    again = load_model(open_checkpoint(hf_dir))
+    again = load_model(open_weights(hf_dir))
     load_adapter(again, tmp_path / "ad")
     with torch.no_grad():
         torch.testing.assert_close(again(TOKENS), ours(TOKENS))
 
 
 def test_empty_adapter_refused(hf_dir, tmp_path):
-    ours = load_model(open_checkpoint(hf_dir))
+    ours = load_model(open_weights(hf_dir))
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_adapter(ours, tmp_path / "ad")
     from safetensors.torch import save_file
@@ -100,14 +101,15 @@ def test_empty_adapter_refused(hf_dir, tmp_path):
 def test_modules_to_save_round_trip_with_peft(hf_dir, tmp_path):
     """embed_tokens and lm_head trained in full: PEFT -> ours and ours -> PEFT."""
     torch.manual_seed(1)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head", "embed_tokens"])
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          modules_to_save=["lm_head", "embed_tokens"])
     ref = peft.get_peft_model(hf_model(hf_dir), cfg)
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
                 p.add_(torch.randn_like(p) * 0.2)
     ref.save_pretrained(tmp_path / "peft")
-    ours = load_model(open_checkpoint(hf_dir))
+    ours = load_model(open_weights(hf_dir))
     load_adapter(ours, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(ours(TOKENS), ref(TOKENS).logits, atol=3e-5, rtol=1e-5)

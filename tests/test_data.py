@@ -2,10 +2,18 @@
 import json
 
 import pytest
+from helpers import DATA, TOKENIZERS, need_shared
 
-from conftest import DATA, TOKENIZERS, need_shared
-from lora_core.data import (ALPACA, IGNORE, VICUNA_CHAT, encode_segments, load_examples, load_template, segments_of,
-                            split_validation)
+from lora_core.data import (
+    ALPACA,
+    IGNORE,
+    VICUNA_CHAT,
+    encode_segments,
+    load_examples,
+    load_template,
+    segments_of,
+    split_validation,
+)
 from lora_core.tokenizer import load_tokenizer
 
 
@@ -16,7 +24,8 @@ def tok():
 
 def test_alpaca_prompt_is_alpaca_loras():
     assert ALPACA.prompt("Say hi.") == ("Below is an instruction that describes a task. Write a response that "
-                                        "appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:\n")
+                                        "appropriately completes the request.\n\n### Instruction:\nSay hi.\n\n"
+                                        "### Response:\n")
     assert "### Input:\nthere\n\n### Response:\n" in ALPACA.prompt("Say hi.", "there")
 
 

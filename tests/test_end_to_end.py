@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
+from helpers import DATA, ROOT, need_shared
 
-from conftest import DATA, ROOT, need_shared
 from lora_core.data import ALPACA
 
 

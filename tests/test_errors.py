@@ -4,11 +4,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT, TOKENIZERS, need_shared, random_meta_state, write_hf, write_meta
 
 import lora_core
-from conftest import ROOT, TOKENIZERS, need_shared, random_meta_state, write_hf, write_meta
-from lora_core.checkpoint import open_checkpoint
 from lora_core.loader import load_model
+from lora_core.weights import open_weights
 
 PARAMS = dict(dim=32, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5)
 
@@ -34,22 +34,22 @@ def test_missing_path(tmp_path):
 def test_unknown_layout(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="unknown layout") as e:
-        open_checkpoint(tmp_path)
+        open_weights(tmp_path)
     assert str(tmp_path) in one_line(e)
     with pytest.raises(ValueError, match="unknown weight file"):
-        open_checkpoint(tmp_path / "weights.bin")
+        open_weights(tmp_path / "weights.bin")
 
 
 def test_config_without_weights(hf_dir):
     (hf_dir / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        open_checkpoint(hf_dir)
+        open_weights(hf_dir)
 
 
 def test_malformed_config(hf_dir):
     (hf_dir / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config.json: malformed JSON"):
-        open_checkpoint(hf_dir)
+        open_weights(hf_dir)
 
 
 def test_missing_tensor(tmp_path):
@@ -57,7 +57,7 @@ def test_missing_tensor(tmp_path):
     del sd["layers.1.feed_forward.w2.weight"]
     write_meta(tmp_path / "m", sd, dict(PARAMS, vocab_size=50))
     with pytest.raises(ValueError, match=r"layers.1.feed_forward.w2.weight") as e:
-        load_model(open_checkpoint(tmp_path / "m"))
+        load_model(open_weights(tmp_path / "m"))
     assert "incomplete" in one_line(e)
 
 
@@ -66,7 +66,7 @@ def test_wrong_shape(tmp_path):
     write_hf(tmp_path / "hf", random_meta_state(dict(PARAMS, multiple_of=64), 50, tie=False), cfg_params, 50, tie=False)
     # config.json claims the FFN size of multiple_of=32, the weights have 64's
     with pytest.raises(ValueError, match=r"mlp.gate_proj.weight has shape \(128, 32\), the config says \(96, 32\)"):
-        load_model(open_checkpoint(tmp_path / "hf"))
+        load_model(open_weights(tmp_path / "hf"))
 
 
 def test_truncated_safetensors(hf_dir):
@@ -74,7 +74,7 @@ def test_truncated_safetensors(hf_dir):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt or truncated safetensors") as e:
-        open_checkpoint(hf_dir)
+        open_weights(hf_dir)
     assert "model.safetensors" in one_line(e)
 
 
@@ -83,7 +83,7 @@ def test_truncated_pth(tmp_path):
     f = tmp_path / "m" / "consolidated.00.pth"
     f.write_bytes(f.read_bytes()[:1000])
     with pytest.raises(ValueError, match="consolidated.00.pth: cannot read"):
-        open_checkpoint(tmp_path / "m")
+        open_weights(tmp_path / "m")
 
 
 def test_truncated_gguf(smollm2_path, tmp_path):
@@ -116,7 +116,7 @@ def test_no_tokenizer_beside_weights(hf_dir):
 
 def test_bad_dtype(hf_dir):
     with pytest.raises(ValueError, match="dtype 'int4'"):
-        load_model(open_checkpoint(hf_dir), "int4")
+        load_model(open_weights(hf_dir), "int4")
 
 
 def test_embedded_base_missing(monkeypatch):

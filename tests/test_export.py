@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT
 
-from conftest import ROOT
 from lora_core.data import ALPACA
 
 PROMPTS = ["The capital of France is", "你好，请介绍一下你自己。", ALPACA.prompt("Who are you?")]
@@ -17,8 +17,8 @@ def adapter(smollm2_path, tmp_path_factory):
     """A non-trivial adapter on SmolLM2: all seven projections, random B, and a trained lm_head."""
     import lora_core
     from lora_core.adapter import save_adapter
-    from lora_core.lora import apply_lora, enable_modules_to_save, lora_layers
     from lora_core.loader import base_fingerprint
+    from lora_core.lora import apply_lora, enable_modules_to_save, lora_layers
 
     model, _ = lora_core.load(smollm2_path, dtype="fp32")
     extras = {"base": str(smollm2_path), "fingerprint": base_fingerprint(model), "vocab_size": model.args.vocab_size}
@@ -54,10 +54,11 @@ def test_merge_is_w_plus_scaled_ba(smollm2_path, adapter):
     """Every merged tensor equals the checkpoint's W + (alpha/r)·B·A, computed here from the files."""
     from safetensors.torch import load_file
 
-    from lora_core.checkpoint import hf_to_meta_rows, open_checkpoint
-    from lora_core.merge import plan_merge
+    from lora_core.export.merge import plan_merge
+    from lora_core.names import hf_to_meta_rows
+    from lora_core.weights import open_weights
 
-    ckpt = open_checkpoint(smollm2_path)
+    ckpt = open_weights(smollm2_path)
     peft = load_file(str(adapter / "adapter_model.safetensors"))
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     scale = cfg["lora_alpha"] / cfg["r"]
@@ -78,7 +79,7 @@ def test_merge_is_w_plus_scaled_ba(smollm2_path, adapter):
 @pytest.mark.parametrize("fmt,out", [("gguf", "m.gguf"), ("hf", "hf"), ("meta", "meta")])
 def test_f32_round_trip_through_our_loader(smollm2_path, adapter, reference, tmp_path, fmt, out):
     import lora_core
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     path = export(smollm2_path, adapter, fmt, tmp_path / out, "f32")
     model, tok = lora_core.load(path, dtype="fp32")
@@ -89,7 +90,7 @@ def test_f32_round_trip_through_our_loader(smollm2_path, adapter, reference, tmp
 
 
 def test_meta_export_has_meta_names_and_params(smollm2_path, adapter, tmp_path):
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     out = export(smollm2_path, adapter, "meta", tmp_path / "meta", "bf16")
     state = torch.load(out / "consolidated.00.pth", weights_only=True, mmap=True)
@@ -101,7 +102,7 @@ def test_meta_export_has_meta_names_and_params(smollm2_path, adapter, tmp_path):
 
 def test_hf_export_loads_in_transformers(smollm2_path, adapter, reference, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     out = export(smollm2_path, adapter, "hf", tmp_path / "hf", "f32", max_shard_bytes=200 << 20)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -121,7 +122,7 @@ def test_hf_export_loads_in_transformers(smollm2_path, adapter, reference, tmp_p
 def test_gguf_runs_in_llama_cpp(smollm2_path, adapter, reference, tmp_path, dtype, atol):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llama.cpp oracle) is not installed")
     import lora_core
-    from lora_core.exporter import export
+    from lora_core.export import export
     from lora_core.generation import generate
     from lora_core.sampling import Sampling
 
@@ -147,7 +148,7 @@ def test_gguf_runs_in_llama_cpp(smollm2_path, adapter, reference, tmp_path, dtyp
 
 
 def test_existing_output_kept_without_force(smollm2_path, adapter, tmp_path):
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     out = tmp_path / "m.gguf"
     out.write_text("precious")
@@ -157,8 +158,8 @@ def test_existing_output_kept_without_force(smollm2_path, adapter, tmp_path):
 
 
 def test_interrupted_export_leaves_nothing(smollm2_path, adapter, tmp_path, monkeypatch):
-    from lora_core import export_hf
-    from lora_core.exporter import export
+    from lora_core.export import export
+    from lora_core.export import hf as export_hf
 
     real = export_hf.SafetensorsWriter.write
     calls = []
@@ -179,7 +180,7 @@ def test_no_room_on_disk(smollm2_path, adapter, tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
@@ -193,7 +194,7 @@ def test_adapter_of_another_base_refused(smollm2_path, adapter, tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     bad = tmp_path / "bad"
     shutil.copytree(adapter, bad)
@@ -225,8 +226,9 @@ def llama2_like(tmp_path_factory):
     plus a random adapter on it: the path of LLaMA 1/2 and Chinese-LLaMA users."""
     import shutil
 
+    from helpers import TOKENIZERS, need_shared, random_meta_state, write_meta
+
     import lora_core
-    from conftest import TOKENIZERS, need_shared, random_meta_state, write_meta
     from lora_core.adapter import save_adapter
     from lora_core.loader import base_fingerprint
     from lora_core.lora import apply_lora, lora_layers
@@ -246,7 +248,7 @@ def llama2_like(tmp_path_factory):
 
 def test_sentencepiece_base_exports_run_everywhere(llama2_like, tmp_path):
     import lora_core
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     base, adapter = llama2_like
     ref, tok = lora_core.load(base, adapter=adapter)
@@ -273,7 +275,7 @@ def test_lora_gguf_runs_in_llama_cpp_on_the_base(smollm2_path, tmp_path):
     """The adapter alone as a llama.cpp LoRA GGUF: llama.cpp's base + --lora equals our base + adapter."""
     import lora_core
     from lora_core.adapter import save_adapter
-    from lora_core.exporter import export
+    from lora_core.export import export
     from lora_core.lora import apply_lora, lora_layers
 
     model, tok = lora_core.load(smollm2_path, dtype="fp32")
@@ -298,7 +300,7 @@ def test_lora_gguf_runs_in_llama_cpp_on_the_base(smollm2_path, tmp_path):
 
 
 def test_lora_gguf_refuses_modules_to_save(smollm2_path, adapter, tmp_path):
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     with pytest.raises(ValueError, match="holds only A and B.*lm_head"):
         export(smollm2_path, adapter, "lora-gguf", tmp_path / "a.gguf")
@@ -312,7 +314,7 @@ def test_adapter_for_another_shape_or_vocabulary_refused(smollm2_path, llama2_li
 
     from safetensors.torch import load_file, save_file
 
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     _, other = llama2_like
     with pytest.raises(ValueError, match="32000-token vocabulary"):

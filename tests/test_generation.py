@@ -1,26 +1,19 @@
 """Generation with the KV cache on real SmolLM2: against transformers, with adapters, streaming, stops."""
+import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import randomize_lora, run_cli
 
-from conftest import ROOT
 from lora_core.chat import Conversation
+from lora_core.cli import generate as generate_cli
 from lora_core.data import ALPACA, VICUNA_CHAT
 from lora_core.generation import TextStopper, generate
 from lora_core.sampling import Sampling
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 ZH = "骆驼是一种大型哺乳动物，生活在沙漠里。它们能够长时间不喝水。"
-
-
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, torch_dtype=torch.float32).eval()
 
 
 @pytest.mark.parametrize("prompt,penalty", [(ALPACA.prompt("Name three colours."), 1.0),
@@ -43,16 +36,13 @@ def test_greedy_equals_transformers(smollm2, hf_smollm2, prompt, penalty):
 
 def test_adapter_changes_output_and_unmerged_equals_merged(smollm2_path):
     import lora_core
-    from lora_core.lora import apply_lora, lora_layers, set_merged
+    from lora_core.lora import apply_lora, set_merged
 
     model, tok = lora_core.load(smollm2_path, dtype="fp32")
     ids = tok.encode(ALPACA.prompt("Who are you?"))
     base = generate(model, tok, ids, GREEDY, max_new_tokens=24).token_ids
     apply_lora(model, "all", r=8, alpha=16)
-    g = torch.Generator().manual_seed(0)  # A and B both from this generator: independent of test order
-    for m in lora_layers(model).values():
-        m.lora_A.data = torch.randn(m.lora_A.shape, generator=g) / m.in_features ** 0.5
-        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.05
+    randomize_lora(model, std=0.05, a_too=True)
     unmerged = generate(model, tok, ids, GREEDY, max_new_tokens=24).token_ids
     set_merged(model, True)
     merged = generate(model, tok, ids, GREEDY, max_new_tokens=24).token_ids
@@ -130,34 +120,39 @@ def test_conversation_trims_oldest_turns(smollm2):
     assert kept.endswith("User:And what do they eat?\n\nAssistant:")
 
 
-def run_generate(*args, stdin=None):
-    return subprocess.run([sys.executable, str(ROOT / "generate.py"), "--base-dtype", "fp32", *args],
-                          capture_output=True, text=True, input=stdin, timeout=600)
+@pytest.fixture
+def run_generate(capsys, monkeypatch):
+    """generate.py's main(argv) in this process (fp32 base): (exit code, stdout, stderr)."""
+    def run(*args, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        return run_cli(generate_cli.main, ["--base-dtype", "fp32", *args], capsys)
+    return run
 
 
-def test_cli_prompt_prints_only_the_response(smollm2):
+def test_cli_prompt_prints_only_the_response(smollm2, run_generate):
     model, tok = smollm2
-    r = run_generate("--prompt", "Name three colours.", "--temperature", "0", "--repetition-penalty", "1",
-                     "--max-new-tokens", "16")
-    assert r.returncode == 0, r.stderr
+    code, out, err = run_generate("--prompt", "Name three colours.", "--temperature", "0", "--repetition-penalty",
+                                  "1", "--max-new-tokens", "16")
+    assert code == 0, err
     want = generate(model, tok, tok.encode(ALPACA.prompt("Name three colours.")), GREEDY, 16, ALPACA.stop).text
-    assert r.stdout == want + "\n"
-    assert "decode" in r.stderr and "tok/s" in r.stderr
+    assert out == want + "\n"
+    assert "decode" in err and "tok/s" in err
 
 
-def test_cli_input_file_and_interactive(tmp_path):
+def test_cli_input_file_and_interactive(tmp_path, run_generate):
     data = tmp_path / "q.jsonl"
     data.write_text('{"instruction": "Say hi."}\nnot json\n{"instruction": "Add", "input": "2 and 3"}\n')
     out = tmp_path / "a.jsonl"
-    r = run_generate("--input-file", str(data), "--output-file", str(out), "--max-new-tokens", "8", "--seed", "1")
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_generate("--input-file", data, "--output-file", out, "--max-new-tokens", "8", "--seed", "1")
+    assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["instruction"] for row in rows] == ["Say hi.", "Add"] and all(row["response"] for row in rows)
-    assert "q.jsonl:2" in r.stderr and "1 bad records skipped" in r.stderr
-    r = run_generate("--interactive", "--template", "vicuna_chat", "--max-new-tokens", "8",
-                     stdin="Hello!\n/reset\nWhat is 2+2?\n/quit\n")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("Assistant: ") == 2 and "new conversation" in r.stderr
+    assert "q.jsonl:2" in err and "1 bad records skipped" in err
+    code, stdout, err = run_generate("--interactive", "--template", "vicuna_chat", "--max-new-tokens", "8",
+                                     stdin="Hello!\n/reset\nWhat is 2+2?\n/quit\n")
+    assert code == 0, err
+    assert stdout.count("Assistant: ") == 2 and "new conversation" in err
 
 
 @pytest.mark.parametrize("args,match", [
@@ -167,17 +162,18 @@ def test_cli_input_file_and_interactive(tmp_path):
     (["--prompt", "a", "--top-p", "2"], "top-p"),
     (["--input-file", "q.json"], "needs --output-file"),
 ])
-def test_cli_refuses_conflicting_settings(args, match):
-    r = run_generate(*args)
-    assert r.returncode == 1
-    last = r.stderr.strip().splitlines()[-1]
+def test_cli_refuses_conflicting_settings(args, match, run_generate):
+    code, _, err = run_generate(*args)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
     assert last.startswith("generate.py: error:") and match in last
 
 
-def test_cli_warns_about_settings_without_effect():
-    r = run_generate("--prompt", "Hi", "--temperature", "0", "--top-k", "5", "--seed", "2", "--max-new-tokens", "2")
-    assert r.returncode == 0, r.stderr
-    assert "--top-k and --top-p have no effect" in r.stderr and "--seed has no effect" in r.stderr
+def test_cli_warns_about_settings_without_effect(run_generate):
+    code, _, err = run_generate("--prompt", "Hi", "--temperature", "0", "--top-k", "5", "--seed", "2",
+                                "--max-new-tokens", "2")
+    assert code == 0, err
+    assert "--top-k and --top-p have no effect" in err and "--seed has no effect" in err
 
 
 def test_adapter_of_another_base_refused(smollm2_path, tmp_path):
@@ -201,12 +197,11 @@ def test_loaded_adapter_with_dropout_is_deterministic(smollm2_path, tmp_path):
     """Dropout modules made while applying an adapter must follow the loaded model into eval mode."""
     import lora_core
     from lora_core.adapter import save_adapter
-    from lora_core.lora import apply_lora, lora_layers
+    from lora_core.lora import apply_lora
 
     model, tok = lora_core.load(smollm2_path, dtype="fp32")
     apply_lora(model, "q_proj,v_proj", r=4, alpha=8, dropout=0.3)
-    for m in lora_layers(model).values():
-        m.lora_B.data.normal_(0, 0.05)
+    randomize_lora(model, std=0.05)
     save_adapter(model, tmp_path / "a", str(smollm2_path))
     tuned, _ = lora_core.load(smollm2_path, dtype="fp32", adapter=tmp_path / "a")
     assert not tuned.training and not any(m.training for m in tuned.modules())

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
-
-from conftest import meta_hidden_dim, random_meta_state, write_hf
 from gguf_fixtures import write_gguf
-from lora_core.checkpoint import open_checkpoint
+from helpers import meta_hidden_dim, random_meta_state, write_hf
+
 from lora_core.gguf_io import GGUFFile, dequantize_blocks
 from lora_core.loader import load_model
+from lora_core.weights import open_weights
 
 gguf = pytest.importorskip("gguf")
 
@@ -49,7 +49,7 @@ def test_tiny_quantized_gguf_equals_transformers(tmp_path):
     seen = write_gguf(tmp_path / "tiny.gguf", sd, PARAMS, meta_hidden_dim(64, 32, None), QTYPES)
     write_hf(tmp_path / "hf", seen, PARAMS, 96, tie=False)  # the weights as dequantized by gguf's own code
     ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ours = load_model(open_checkpoint(tmp_path / "tiny.gguf"))
+    ours = load_model(open_weights(tmp_path / "tiny.gguf"))
     tokens = torch.randint(0, 96, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), ref(tokens).logits, atol=3e-5, rtol=1e-5)
@@ -59,6 +59,9 @@ def test_bf16_gguf_tensor(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "b.gguf"), "llama")
     x = torch.randn(4, 32).to(torch.bfloat16)
     w.add_tensor("t", x.view(torch.int16).numpy(), raw_shape=(4, 32), raw_dtype=gguf.GGMLQuantizationType.BF16)
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     got = GGUFFile(tmp_path / "b.gguf").tensor("t")
     assert got.dtype == torch.bfloat16 and torch.equal(got, x)

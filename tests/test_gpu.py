@@ -6,8 +6,7 @@ import shutil
 
 import pytest
 import torch
-
-from conftest import DATA, TOKENIZERS, need_shared, random_meta_state, write_hf
+from helpers import DATA, TOKENIZERS, need_shared, random_meta_state, write_hf
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
@@ -55,7 +54,8 @@ def test_int8_layer_under_bf16_autocast():
 
 
 def test_training_on_cuda_follows_the_cpu_run(tiny_base, tmp_path):
-    from lora_core.trainer import TrainConfig, train
+    from lora_core.train_config import TrainConfig
+    from lora_core.trainer import train
 
     def run(device):
         out = tmp_path / device
@@ -89,7 +89,7 @@ def test_cached_generation_on_cuda(tiny_base):
 
 
 def test_export_verify_on_cuda(tiny_base, tmp_path):
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     out = export(tiny_base, None, "hf", tmp_path / "hf", "f32", verify=True, device="cuda")
     assert (out / "model.safetensors").is_file()

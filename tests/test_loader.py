@@ -1,10 +1,10 @@
 """Streaming loader: the per-tensor hook, dtypes, frozen weights, no meta tensors left behind."""
 import torch
+from helpers import random_meta_state, write_hf
 from torch import nn
 
-from conftest import random_meta_state, write_hf
-from lora_core.checkpoint import open_checkpoint
 from lora_core.loader import load_model
+from lora_core.weights import open_weights
 
 PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
 
@@ -33,8 +33,8 @@ def test_hook_replaces_layers_while_loading(tmp_path):
             return True
         return False
 
-    ref = load_model(open_checkpoint(tmp_path / "hf"))
-    model = load_model(open_checkpoint(tmp_path / "hf"), hook=hook)
+    ref = load_model(open_weights(tmp_path / "hf"))
+    model = load_model(open_weights(tmp_path / "hf"), hook=hook)
     assert len(seen) == 2 * 9 + 3 and all(d == torch.float32 for _, d in seen)
     assert isinstance(model.layers[1].mlp.down_proj, HalfLinear)
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
@@ -45,14 +45,15 @@ def test_hook_replaces_layers_while_loading(tmp_path):
 
 def test_loaded_base_is_frozen_and_typed(tmp_path):
     write_hf(tmp_path / "hf", random_meta_state(PARAMS, 90, tie=True), PARAMS, 90, tie=True)
-    model = load_model(open_checkpoint(tmp_path / "hf"), "bf16")
+    model = load_model(open_weights(tmp_path / "hf"), "bf16")
     assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.lm_head.weight is model.embed_tokens.weight  # tied embeddings stay one tensor
 
 
 def test_qk_permutations_are_inverse_and_match_hf_script():
-    from conftest import hf_permute
-    from lora_core.checkpoint import hf_to_meta_rows, meta_to_hf_rows
+    from helpers import hf_permute
+
+    from lora_core.names import hf_to_meta_rows, meta_to_hf_rows
 
     w = torch.randn(3 * 10, 7)  # 3 heads of head_dim 10
     assert torch.equal(meta_to_hf_rows(w, 3), hf_permute(w, 3))

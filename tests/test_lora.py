@@ -73,7 +73,8 @@ def test_targets():
     with pytest.raises(ValueError, match="unknown LoRA target 'qkv'"):
         parse_targets("qkv")
     model = tiny_model()
-    assert apply_lora(model, "q_proj,v_proj") == [f"layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    want = [f"layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert apply_lora(model, "q_proj,v_proj") == want
 
 
 def test_model_merge_unmerge_round_trip():

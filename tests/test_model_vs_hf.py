@@ -1,10 +1,10 @@
 """Our LLaMA on tiny random checkpoints (Meta and HF layouts) against HF transformers' LlamaForCausalLM."""
 import pytest
 import torch
+from helpers import random_meta_state, write_hf, write_meta
 
-from conftest import random_meta_state, write_hf, write_meta
-from lora_core.checkpoint import open_checkpoint
 from lora_core.loader import load_model
+from lora_core.weights import open_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -13,8 +13,10 @@ FP32 = dict(atol=3e-5, rtol=1e-5)  # fp32 kernels differ in summation order; log
 CONFIGS = {
     # name: (params, vocab, tie)
     "mha-untied": (dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5), 123, False),
-    "gqa-tied": (dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, multiple_of=16, norm_eps=1e-6, rope_theta=500000.0), 101, True),
-    "gqa-odd-ffn": (dict(dim=72, n_layers=2, n_heads=3, n_kv_heads=1, multiple_of=10, ffn_dim_multiplier=1.3, norm_eps=1e-5), 77, False),
+    "gqa-tied": (dict(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, multiple_of=16, norm_eps=1e-6,
+                      rope_theta=500000.0), 101, True),
+    "gqa-odd-ffn": (dict(dim=72, n_layers=2, n_heads=3, n_kv_heads=1, multiple_of=10, ffn_dim_multiplier=1.3,
+                         norm_eps=1e-5), 77, False),
 }
 
 
@@ -36,7 +38,7 @@ def case(request, tmp_path_factory):
 
 
 def our_logits(path, tokens, dtype="fp32"):
-    model = load_model(open_checkpoint(path), dtype)
+    model = load_model(open_weights(path), dtype)
     with torch.no_grad():
         return model(tokens)
 
@@ -71,7 +73,7 @@ def test_bf16_close_to_fp32(case):
 def test_padding_mask_matches_hf(case):
     """Left-padded batch with an attention mask and shifted positions gives each row's unpadded logits."""
     tokens = case["tokens"]
-    model = load_model(open_checkpoint(case["root"] / "hf"))
+    model = load_model(open_weights(case["root"] / "hf"))
     short = tokens[1, :7]
     padded = torch.stack([tokens[0], torch.cat([torch.zeros(4, dtype=torch.long), short])])
     mask = torch.ones_like(padded)
@@ -98,12 +100,12 @@ def test_llama31_rope_scaling_far_positions(tmp_path, layout):
     tokens = torch.randint(0, 50, (1, 9))
     positions = torch.arange(0, 9000, 1000)[None]
     ref_model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ours = load_model(open_checkpoint(tmp_path / layout))
+    ours = load_model(open_weights(tmp_path / layout))
     assert ours.args.rope_scaling["factor"] == 8.0
     with torch.no_grad():
         ref = ref_model(tokens, position_ids=positions).logits
         got = ours(tokens, positions=positions)
-        unscaled = load_model(open_checkpoint(tmp_path / "hf"))
+        unscaled = load_model(open_weights(tmp_path / "hf"))
         unscaled.args.rope_scaling = None
         plain = unscaled(tokens, positions=positions)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

@@ -7,13 +7,6 @@ transformers = pytest.importorskip("transformers")
 PROMPTS = ["The capital of France is", "你好，请介绍一下你自己。", "def fibonacci(n):\n    "]
 
 
-@pytest.fixture(scope="module")
-def hf_smollm2(smollm2_path):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, torch_dtype=torch.float32
-    ).eval()
-
-
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_logits_equal_transformers(smollm2, hf_smollm2, prompt):
     model, tok = smollm2

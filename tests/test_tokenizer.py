@@ -2,9 +2,9 @@
 import json
 
 import pytest
-
-from conftest import DATA, TOKENIZERS, need_shared, random_meta_state
 from gguf_fixtures import write_gguf
+from helpers import DATA, TOKENIZERS, need_shared, random_meta_state
+
 from lora_core.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 SAMPLES = [

@@ -10,11 +10,12 @@ import time
 
 import pytest
 import torch
+from helpers import DATA, ROOT, TOKENIZERS, need_shared, random_meta_state, write_hf
 
-from conftest import DATA, ROOT, TOKENIZERS, need_shared, random_meta_state, write_hf
 from lora_core.data import ALPACA, load_examples
 from lora_core.lora import LoRALinear, apply_lora, mark_only_lora_trainable
-from lora_core.trainer import TrainConfig, accumulate_gradients, lr_at
+from lora_core.train_config import TrainConfig
+from lora_core.trainer import accumulate_gradients, lr_at
 
 PARAMS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
 
@@ -117,54 +118,10 @@ def test_two_processes_equal_one(tiny_base, tmp_path):
     assert one.wait(timeout=600) == 0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
                 str(ROOT / "train.py"), *common(tiny_base, tmp_path / "two"), "--lora-dropout", "0"]
-    two = subprocess.run(torchrun, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = subprocess.run(torchrun, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
-
-
-def test_chunked_loss_equals_full_cross_entropy(tiny_base, monkeypatch):
-    import lora_core
-    import lora_core.trainer as trainer
-
-    model, tok = lora_core.load(tiny_base)
-    apply_lora(model, "q_proj", r=2, alpha=4)
-    mark_only_lora_trainable(model)
-    torch.nn.init.normal_(model.layers[0].self_attn.q_proj.lora_B)
-    examples, _ = load_examples(need_shared(DATA / "luotuo_developer_instruction.json"), tok, ALPACA, 128)
-    ids, labels = trainer.collate(examples[:4], tok.pad_id)
-    monkeypatch.setattr(trainer, "LOSS_CHUNK", 7)  # several chunks, the last one short
-    chunked = trainer.summed_loss(model, ids, labels)
-    chunked.backward()
-    g_chunked = model.layers[0].self_attn.q_proj.lora_A.grad.clone()
-    model.zero_grad()
-    full = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                             ignore_index=-100, reduction="sum")
-    full.backward()
-    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(g_chunked, model.layers[0].self_attn.q_proj.lora_A.grad, rtol=5e-4, atol=1e-5)
-
-
-def test_chunked_loss_gradient_of_a_trained_lm_head(tiny_base, monkeypatch):
-    """With lm_head in modules_to_save its gradient comes from the loss's forward pass too."""
-    import lora_core
-    import lora_core.trainer as trainer
-    from lora_core.lora import enable_modules_to_save
-
-    model, tok = lora_core.load(tiny_base)
-    apply_lora(model, "v_proj", r=2, alpha=4)
-    enable_modules_to_save(model, ["lm_head"])
-    mark_only_lora_trainable(model, ("lm_head",))
-    examples, _ = load_examples(need_shared(DATA / "luotuo_developer_instruction.json"), tok, ALPACA, 96)
-    ids, labels = trainer.collate(examples[:3], tok.pad_id)
-    monkeypatch.setattr(trainer, "LOSS_CHUNK", 5)
-    trainer.summed_loss(model, ids, labels).backward()
-    got = model.lm_head.weight.grad.clone()
-    model.zero_grad()
-    torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                      ignore_index=-100, reduction="sum").backward()
-    torch.testing.assert_close(got, model.lm_head.weight.grad, rtol=1e-4, atol=1e-5)
-    with torch.no_grad():  # evaluation takes the loss alone
-        assert trainer.summed_loss(model, ids, labels).item() > 0

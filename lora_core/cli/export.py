@@ -3,7 +3,8 @@
     python export.py --adapter lora-out --format gguf --out smollm2-lora.gguf --verify
     python export.py --adapter lora-out --format hf --out merged-hf
     python export.py --adapter lora-out --format meta --out merged-meta
-    python export.py --adapter lora-out --format lora-gguf --out adapter.gguf   # llama-cli -m base.gguf --lora adapter.gguf
+    python export.py --adapter lora-out --format lora-gguf --out adapter.gguf
+    # then: llama-cli -m base.gguf --lora adapter.gguf
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base and export the result.")
     p.add_argument("--base", default=None, help="model dir, .gguf or smollm2-135m (default: the adapter's own base)")
-    p.add_argument("--adapter", default=None, help="PEFT-format LoRA adapter directory (omit to convert the base alone)")
+    p.add_argument("--adapter", default=None,
+                   help="PEFT-format LoRA adapter directory (omit to convert the base alone)")
     p.add_argument("--format", required=True, choices=["gguf", "meta", "hf", "lora-gguf"],
                    help="merged gguf / meta / hf, or lora-gguf: the adapter alone for llama.cpp's --lora")
     p.add_argument("--out", required=True, help="output .gguf file (gguf) or directory (meta, hf)")
@@ -32,7 +34,7 @@ def main(argv=None) -> int:
     try:
         import lora_core
         from lora_core.adapter import adapter_extras
-        from lora_core.exporter import export
+        from lora_core.export import export
 
         base = a.base or (adapter_extras(a.adapter).get("base") if a.adapter else None) or lora_core.DEFAULT_BASE
         out = export(base, a.adapter, a.format, a.out, a.dtype, a.force, a.verify, int(a.max_shard_size * 2**30),

@@ -56,7 +56,8 @@ def check_args(a: argparse.Namespace) -> list[str]:
     if a.input_file and not a.output_file:
         raise ValueError("--input-file needs --output-file for the responses")
     if a.raw and (a.template or a.input is not None or a.interactive or a.input_file):
-        raise ValueError("--raw sends --prompt as is: it cannot go with --template, --input, --input-file or --interactive")
+        raise ValueError("--raw sends --prompt as is: it cannot go with --template, --input, --input-file or "
+                         "--interactive")
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
     if a.temperature == 0 and a.seed is not None:

@@ -9,7 +9,7 @@ from bench_util import peak_mib, status_mib
 base, adapter, fmt, dtype, out = sys.argv[1:6]
 import torch  # noqa: E402,F401
 
-from lora_core.exporter import export  # noqa: E402
+from lora_core.export import export  # noqa: E402
 
 before = peak_mib()
 start = time.perf_counter()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from lora_core.checkpoint import Checkpoint
 from lora_core.config import ModelArgs
 from lora_core.loader import load_model
 from lora_core.lora import apply_lora, mark_only_lora_trainable
 from lora_core.model import Transformer
 from lora_core.quant import quantize_on_load
+from lora_core.weights import Weights
 
 
 def vm(key):
@@ -21,7 +21,7 @@ def vm(key):
         return int(next(x for x in f if x.startswith(key + ":")).split()[1]) / 2**20  # GiB
 
 
-class RandomCheckpoint(Checkpoint):
+class RandomCheckpoint(Weights):
     """Random weights made one tensor at a time, as if streamed from a file."""
 
     fmt = "meta"
@@ -48,7 +48,7 @@ model = load_model(RandomCheckpoint(args), "fp32", hook=quantize_on_load)
 out["load_s"], out["after_load"] = time.perf_counter() - t, vm("VmHWM")
 apply_lora(model, "all", r=8, alpha=16)
 mark_only_lora_trainable(model)
-model.gradient_checkpointing = recompute
+model.recompute_activations = recompute
 out["lora_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 x = torch.randint(0, args.vocab_size, (1, tokens + 1))
 t = time.perf_counter()

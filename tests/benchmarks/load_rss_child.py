@@ -5,9 +5,7 @@ import time
 
 from bench_util import peak_mib, status_mib
 
-
 base, dtype = sys.argv[1], sys.argv[2]
-import torch  # noqa: E402
 
 import lora_core  # noqa: E402
 

@@ -46,7 +46,7 @@ def llama_cpp_speed(path, quantized: bool, ids):
 
 def test_decode_speed_vs_llama_cpp(smollm2_path, tmp_path):
     import lora_core
-    from lora_core.exporter import export
+    from lora_core.export import export
 
     _, tok = lora_core.load(smollm2_path, dtype="fp32")
     ids = tok.encode(PROMPT)

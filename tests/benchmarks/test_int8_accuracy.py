@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
+from helpers import DATA, need_shared
 
-from conftest import DATA, need_shared
 from lora_core.quant import Int8Linear
 
 pytestmark = pytest.mark.benchmark

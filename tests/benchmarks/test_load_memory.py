@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import hf_permute
+from helpers import hf_permute
 
 pytestmark = pytest.mark.benchmark
 CHILD = Path(__file__).with_name("load_rss_child.py")

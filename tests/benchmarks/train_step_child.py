@@ -22,12 +22,12 @@ def vm_hwm_gib():
 if impl == "ours":
     import lora_core
     from lora_core.lora import apply_lora, mark_only_lora_trainable
-    from lora_core.trainer import summed_loss
+    from lora_core.loss import summed_loss
 
     model, _ = lora_core.load("smollm2-135m", dtype=base_dtype)
     apply_lora(model, targets, r=8, alpha=16, dropout=0.05)
     mark_only_lora_trainable(model)
-    model.gradient_checkpointing = recompute
+    model.recompute_activations = recompute
     model.train()
 
     def loss_fn():
@@ -35,6 +35,7 @@ if impl == "ours":
 else:
     import peft
     import transformers
+
     from lora_core.loader import resolve_base
 
     path = resolve_base("smollm2-135m")

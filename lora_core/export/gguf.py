@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
 
-from .checkpoint import GGUFCheckpoint, name_map
+from ..names import name_map
+from ..weights import GGUFWeights
 from .merge import MergePlan
+from .tokenizer_files import add_gguf_vocabulary
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def _kind(dtype: str, shape: tuple[int, ...]):
-    from gguf import GGMLQuantizationType as Q
-
     if len(shape) == 1 or dtype == "f32":
         return Q.F32  # norms stay F32, as llama.cpp's converter keeps them
     if dtype == "q8_0" and shape[-1] % 32:
@@ -24,8 +27,6 @@ def _kind(dtype: str, shape: tuple[int, ...]):
 
 
 def _encode(t: torch.Tensor, kind) -> np.ndarray:
-    from gguf import GGMLQuantizationType as Q, quants
-
     if kind == Q.F32:
         return t.float().contiguous().numpy()
     if kind == Q.F16:
@@ -36,8 +37,6 @@ def _encode(t: torch.Tensor, kind) -> np.ndarray:
 
 
 def write_gguf(plan: MergePlan, tok, path: Path, dtype: str, name: str = "", progress=None):
-    import gguf
-
     args = plan.args
     if args.rope_scaling:
         raise ValueError("GGUF export of LLaMA 3.1 scaled RoPE (rope_freqs) is not supported yet; use --format hf")
@@ -62,7 +61,6 @@ def write_gguf(plan: MergePlan, tok, path: Path, dtype: str, name: str = "", pro
     if dtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_vocabulary(w, tok, plan)
-    Q = gguf.GGMLQuantizationType
     stored = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16, Q.Q8_0: np.uint8}  # numpy type written
     for n, shape in plan.shapes.items():
         kind = kinds[n]
@@ -81,17 +79,13 @@ def write_gguf(plan: MergePlan, tok, path: Path, dtype: str, name: str = "", pro
 
 
 def add_vocabulary(w, tok, plan: MergePlan):
-    from .export_tokenizer import add_gguf_vocabulary
-
-    source = plan.ckpt.file if isinstance(plan.ckpt, GGUFCheckpoint) else None
+    source = plan.src.file if isinstance(plan.src, GGUFWeights) else None
     add_gguf_vocabulary(w, tok, source)
 
 
-def write_lora_gguf(plan: MergePlan, path: Path, alpha: float, dtype: str = "f32"):
+def write_lora_gguf(plan: MergePlan, path: Path, dtype: str = "f32"):
     """The adapter alone as a llama.cpp LoRA GGUF (for `--lora` at run time): A and B per layer under the
     base tensor's name + .lora_a / .lora_b, B's q/k rows in Meta's (llama.cpp's) layout."""
-    import gguf
-
     if plan.saved:
         raise ValueError("a llama.cpp LoRA GGUF holds only A and B; this adapter also trains "
                          f"{', '.join(n.removesuffix('.weight') for n in plan.saved)}: export a merged --format gguf")
@@ -99,10 +93,10 @@ def write_lora_gguf(plan: MergePlan, path: Path, alpha: float, dtype: str = "f32
     w = gguf.GGUFWriter(path, "llama")
     w.add_type("adapter")
     w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", float(alpha))
+    w.add_float32("adapter.lora.alpha", float(plan.adapter.alpha))  # llama.cpp scales by alpha / rank
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     to_np = (lambda t: t.float().contiguous().numpy()) if dtype == "f32" else (lambda t: t.half().contiguous().numpy())
-    for n, (b, a, _scale) in plan.lora.items():
+    for n, (a, b) in plan.lora.items():
         w.add_tensor(names[n] + ".lora_a", to_np(a))
         w.add_tensor(names[n] + ".lora_b", to_np(b))
     w.write_header_to_file()

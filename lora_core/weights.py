@@ -1,4 +1,4 @@
-"""Checkpoint readers: Meta (params.json + consolidated.NN), HF (config.json + safetensors) and GGUF.
+"""Weights readers: Meta (params.json + consolidated.NN), HF (config.json + safetensors) and GGUF.
 
 Each reader yields tensors under our module names and in our layout (Meta's interleaved RoPE rows),
 one tensor at a time from memory-mapped files, so a model is never held twice.
@@ -12,68 +12,7 @@ import torch
 
 from .config import ModelArgs
 from .gguf_io import GGUFFile
-
-# our name -> (Meta, HF, GGUF); "{}" is the layer number
-NAME_TABLE = {
-    "embed_tokens.weight": ("tok_embeddings.weight", "model.embed_tokens.weight", "token_embd.weight"),
-    "norm.weight": ("norm.weight", "model.norm.weight", "output_norm.weight"),
-    "lm_head.weight": ("output.weight", "lm_head.weight", "output.weight"),
-    "layers.{}.input_layernorm.weight": (
-        "layers.{}.attention_norm.weight", "model.layers.{}.input_layernorm.weight", "blk.{}.attn_norm.weight"),
-    "layers.{}.self_attn.q_proj.weight": (
-        "layers.{}.attention.wq.weight", "model.layers.{}.self_attn.q_proj.weight", "blk.{}.attn_q.weight"),
-    "layers.{}.self_attn.k_proj.weight": (
-        "layers.{}.attention.wk.weight", "model.layers.{}.self_attn.k_proj.weight", "blk.{}.attn_k.weight"),
-    "layers.{}.self_attn.v_proj.weight": (
-        "layers.{}.attention.wv.weight", "model.layers.{}.self_attn.v_proj.weight", "blk.{}.attn_v.weight"),
-    "layers.{}.self_attn.o_proj.weight": (
-        "layers.{}.attention.wo.weight", "model.layers.{}.self_attn.o_proj.weight", "blk.{}.attn_output.weight"),
-    "layers.{}.post_attention_layernorm.weight": (
-        "layers.{}.ffn_norm.weight", "model.layers.{}.post_attention_layernorm.weight", "blk.{}.ffn_norm.weight"),
-    "layers.{}.mlp.gate_proj.weight": (
-        "layers.{}.feed_forward.w1.weight", "model.layers.{}.mlp.gate_proj.weight", "blk.{}.ffn_gate.weight"),
-    "layers.{}.mlp.down_proj.weight": (
-        "layers.{}.feed_forward.w2.weight", "model.layers.{}.mlp.down_proj.weight", "blk.{}.ffn_down.weight"),
-    "layers.{}.mlp.up_proj.weight": (
-        "layers.{}.feed_forward.w3.weight", "model.layers.{}.mlp.up_proj.weight", "blk.{}.ffn_up.weight"),
-}
-FORMATS = ("meta", "hf", "gguf")
-
-
-def name_map(n_layers: int, fmt: str) -> dict[str, str]:
-    """Our tensor name -> the checkpoint's, for every layer."""
-    col = FORMATS.index(fmt)
-    out = {}
-    for ours, theirs in NAME_TABLE.items():
-        layers = range(n_layers) if "{}" in ours else [None]
-        for i in layers:
-            out[ours.format(i)] = theirs[col].format(i)
-    return out
-
-
-def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo HF's q/k row permutation: per head, HF keeps the first halves of the RoPE pairs, then the second halves."""
-    out_dim, dim = w.shape
-    head_dim = out_dim // n_heads
-    # (n_heads, 2, head_dim/2, dim) -> (n_heads, head_dim/2, 2, dim): pair members become adjacent rows
-    return w.view(n_heads, 2, head_dim // 2, dim).transpose(1, 2).reshape(out_dim, dim)
-
-
-def rope_heads(args: ModelArgs, module: str) -> int | None:
-    """Heads of a layer whose output rows are RoPE-permuted between Meta's and HF's layouts, else None."""
-    module = module.removesuffix(".weight")
-    if module.endswith("q_proj"):
-        return args.n_heads
-    if module.endswith("k_proj"):
-        return args.n_kv_heads
-    return None
-
-
-def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The permutation convert_llama_weights_to_hf.py applies (inverse of hf_to_meta_rows)."""
-    out_dim, dim = w.shape
-    head_dim = out_dim // n_heads
-    return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(out_dim, dim)
+from .names import hf_to_meta_rows, name_map, rope_heads
 
 
 def _read_json(path: Path) -> dict:
@@ -106,10 +45,11 @@ def _load_pth(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: cannot read this PyTorch checkpoint ({e}); it may be truncated, re-download it") from e
+        raise ValueError(f"{path}: cannot read this PyTorch checkpoint ({e}); it may be truncated, re-download "
+                         "it") from e
 
 
-class Checkpoint:
+class Weights:
     """Base reader: `args`, `names()` (ours), `get(name)` -> tensor in our layout, `tokenizer_path`."""
 
     path: Path
@@ -146,7 +86,7 @@ class Checkpoint:
         raise NotImplementedError
 
 
-class MetaCheckpoint(Checkpoint):
+class MetaWeights(Weights):
     """params.json + consolidated.NN.{safetensors,pth}; model-parallel shards concatenated per tensor."""
 
     fmt = "meta"
@@ -204,7 +144,7 @@ class MetaCheckpoint(Checkpoint):
         return 0
 
 
-class HFCheckpoint(Checkpoint):
+class HFWeights(Weights):
     """config.json + model.safetensors, or shards listed in model.safetensors.index.json."""
 
     fmt = "hf"
@@ -240,7 +180,7 @@ class HFCheckpoint(Checkpoint):
         return self._files.get(self._where[name]).get_tensor(name)
 
 
-class GGUFCheckpoint(Checkpoint):
+class GGUFWeights(Weights):
     """A llama.cpp GGUF file; its q/k are already in Meta's layout and its vocabulary is embedded."""
 
     fmt = "gguf"
@@ -264,22 +204,24 @@ class GGUFCheckpoint(Checkpoint):
         return self.file.tensor(name)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
+def open_weights(path: str | Path) -> Weights:
     """Detect the layout of a directory or file and open it."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory; pass a model directory, a .gguf file or 'smollm2-135m'")
+        raise FileNotFoundError(f"{path}: no such file or directory; pass a model directory, a .gguf file or "
+                                "'smollm2-135m'")
     if path.is_file():
         if path.suffix == ".gguf":
-            return GGUFCheckpoint(path)
-        raise ValueError(f"{path}: unknown weight file; pass a .gguf file or a directory with params.json or config.json")
+            return GGUFWeights(path)
+        raise ValueError(f"{path}: unknown weight file; pass a .gguf file or a directory with params.json or "
+                         "config.json")
     if (path / "params.json").is_file():
-        return MetaCheckpoint(path)
+        return MetaWeights(path)
     if (path / "config.json").is_file():
-        return HFCheckpoint(path)
+        return HFWeights(path)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return GGUFCheckpoint(ggufs[0])
+        return GGUFWeights(ggufs[0])
     raise ValueError(
         f"{path}: unknown layout (no params.json for Meta, no config.json for HF, no single .gguf); "
         "point --base at the model directory or file"

@@ -5,8 +5,17 @@ import json
 import shutil
 from pathlib import Path
 
-from .tokenizer import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_UNUSED, TOKEN_USER_DEFINED
-from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
+from ..tokenizer import (
+    TOKEN_BYTE,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_UNUSED,
+    TOKEN_USER_DEFINED,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+)
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -26,7 +35,8 @@ def add_gguf_vocabulary(writer, tok: Tokenizer, source_gguf=None):
 
     proto = pb.ModelProto.FromString(tok.sp.serialized_model_proto())
     kinds = {pb.ModelProto.SentencePiece.NORMAL: TOKEN_NORMAL, pb.ModelProto.SentencePiece.UNKNOWN: TOKEN_UNKNOWN,
-             pb.ModelProto.SentencePiece.CONTROL: TOKEN_CONTROL, pb.ModelProto.SentencePiece.USER_DEFINED: TOKEN_USER_DEFINED,
+             pb.ModelProto.SentencePiece.CONTROL: TOKEN_CONTROL,
+             pb.ModelProto.SentencePiece.USER_DEFINED: TOKEN_USER_DEFINED,
              pb.ModelProto.SentencePiece.UNUSED: TOKEN_UNUSED, pb.ModelProto.SentencePiece.BYTE: TOKEN_BYTE}
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")

@@ -1,4 +1,4 @@
-"""Activation checkpointing changes memory, never results: same loss and same LoRA gradients."""
+"""Activation recomputation changes memory, never results: same loss and same LoRA gradients."""
 import torch
 from torch import nn
 
@@ -15,14 +15,14 @@ def lora_grads(checkpointed: bool):
         if isinstance(m, LoRALinear):
             nn.init.normal_(m.lora_B, std=0.1)
     if checkpointed:
-        model.gradient_checkpointing = True
+        model.recompute_activations = True
     x = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
     loss = model(x).logsumexp(-1).mean()
     loss.backward()
     return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_checkpointing_keeps_loss_and_gradients():
+def test_recompute_keeps_loss_and_gradients():
     loss, grads = lora_grads(False)
     loss_ckpt, grads_ckpt = lora_grads(True)
     assert loss == loss_ckpt and grads.keys() == grads_ckpt.keys()

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import name_map
+from ..names import name_map
 from .merge import MergePlan
+from .tokenizer_files import write_tokenizer_files
 
 META_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -42,8 +43,6 @@ def meta_params(plan: MergePlan) -> dict:
 
 def write_meta(plan: MergePlan, tok, out: Path, dtype: str, progress=None):
     """The plan comes untied (MergePlan.untie, done by the exporter): Meta checkpoints carry output.weight."""
-    from .export_tokenizer import write_tokenizer_files
-
     torch_dtype = META_DTYPES[dtype]
     meta = name_map(plan.args.n_layers, "meta")
     raw = out / "weights.raw"

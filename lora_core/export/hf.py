@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import meta_to_hf_rows, name_map, rope_heads
+from ..names import meta_to_hf_rows, name_map, rope_heads
 from .merge import MergePlan
 from .safetensors_stream import SafetensorsWriter
+from .tokenizer_files import write_tokenizer_files
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,8 +33,6 @@ def hf_config(plan: MergePlan, tok, dtype: torch.dtype) -> dict:
 
 
 def write_hf(plan: MergePlan, tok, out: Path, dtype: str, max_shard_bytes: int = 5 << 30, progress=None):
-    from .export_tokenizer import write_tokenizer_files
-
     torch_dtype = HF_DTYPES[dtype]
     hf = name_map(plan.args.n_layers, "hf")
     shards, size = [[]], 0

@@ -11,11 +11,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import load, tokenizer_of
-from .checkpoint import open_checkpoint
-from .device import model_device
-from .loader import resolve_base
+from ..api import load, tokenizer_of
+from ..device import model_device
+from ..loader import resolve_base
+from ..weights import open_weights
+from .gguf import write_gguf, write_lora_gguf
+from .hf import write_hf
 from .merge import plan_merge
+from .meta import write_meta
 
 FORMATS = ("gguf", "meta", "hf", "lora-gguf")
 DTYPES = {"gguf": ("f32", "f16", "bf16", "q8_0"), "meta": ("f32", "f16", "bf16"), "hf": ("f32", "f16", "bf16"),
@@ -49,7 +52,7 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
         raise ValueError("--format lora-gguf writes an adapter: give --adapter")
     if fmt in ("gguf", "lora-gguf") and out.suffix != ".gguf":
         raise ValueError(f"{out}: a GGUF export is one file; name it *.gguf")
-    ckpt = open_checkpoint(resolve_base(base))
+    ckpt = open_weights(resolve_base(base))
     tok = tokenizer_of(ckpt)
     plan = plan_merge(ckpt, adapter)
     tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
@@ -58,7 +61,8 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
         return _export_lora(plan, out, tmp, dtype)
     if fmt == "meta":
         plan.untie()  # Meta checkpoints always carry output.weight
-    need = sum(torch.Size(s).numel() for s in plan.shapes.values()) * BYTES_PER_WEIGHT[dtype] * (2 if fmt == "meta" else 1)
+    copies = 2 if fmt == "meta" else 1  # meta: the raw stream, then consolidated.00.pth
+    need = sum(torch.Size(s).numel() for s in plan.shapes.values()) * BYTES_PER_WEIGHT[dtype] * copies
     free = shutil.disk_usage(out.parent).free
     if need > free:
         raise OSError(f"{out.parent}: no room on disk: the export needs about {need / 2**30:.2f} GiB, "
@@ -66,18 +70,12 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
     bar = tqdm(total=len(plan.shapes), desc=f"exporting {fmt} {dtype}", unit="tensor", file=sys.stderr)
     try:
         if fmt == "gguf":
-            from .export_gguf import write_gguf
-
             write_gguf(plan, tok, tmp, dtype, name=out.stem, progress=lambda _: bar.update())
         else:
             tmp.mkdir()
             if fmt == "hf":
-                from .export_hf import write_hf
-
                 write_hf(plan, tok, tmp, dtype, max_shard_bytes, progress=lambda _: bar.update())
             else:
-                from .export_meta import write_meta
-
                 write_meta(plan, tok, tmp, dtype, progress=lambda _: bar.update())
         bar.close()
         if verify:
@@ -99,10 +97,8 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
 
 
 def _export_lora(plan, out: Path, tmp: Path, dtype: str) -> Path:
-    from .export_gguf import write_lora_gguf
-
     try:
-        write_lora_gguf(plan, tmp, plan.alpha, dtype)
+        write_lora_gguf(plan, tmp, dtype)
         _remove(out)
         os.replace(tmp, out)
     except BaseException:

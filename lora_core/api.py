@@ -1,0 +1,85 @@
+"""lora_core.load and its two halves: a base opened with the tokenizer that fits it (cheap: no weights read),
+then the model loaded from it, optionally int8, with an adapter, on a device."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .adapter import apply_adapter, read_adapter
+from .device import pick_device
+from .loader import DEFAULT_BASE, base_fingerprint, load_model, parse_dtype, resolve_base
+from .model import Transformer
+from .quant import add_int8_output_head, quantize_on_load
+from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from .weights import GGUFWeights, Weights, open_weights
+
+BASE_DTYPES = ("int8", "bf16", "fp32")
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, args, weights: Path):
+    """The tokenizer may be smaller than the embedding (padded vocabularies), never larger."""
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(
+            f"{tokenizer.path}: tokenizer has {tokenizer.vocab_size} tokens but the model at {weights} embeds "
+            f"{args.vocab_size}; use the tokenizer that was trained with this model"
+        )
+
+
+def tokenizer_of(src: Weights, tokenizer: str | Path | None = None) -> Tokenizer:
+    """The tokenizer given, else the one embedded in a GGUF or lying beside the weights; checked to fit."""
+    if tokenizer is None and isinstance(src, GGUFWeights):
+        tok = tokenizer_from_gguf(src.file)
+    elif tokenizer is None and src.tokenizer_path is None:
+        raise FileNotFoundError(
+            f"{src.path}: no tokenizer.model or tokenizer.json beside the weights; pass the tokenizer file explicitly"
+        )
+    else:
+        tok = load_tokenizer(tokenizer or src.tokenizer_path)
+    check_tokenizer_fits(tok, src.args, src.path)
+    return tok
+
+
+def open_base(base: str | Path = DEFAULT_BASE, tokenizer: str | Path | None = None) -> tuple[Weights, Tokenizer]:
+    """The base's weight reader (nothing loaded yet) and its tokenizer: enough to check data before a load."""
+    src = open_weights(resolve_base(base))
+    return src, tokenizer_of(src, tokenizer)
+
+
+def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = None,
+              device: str | torch.device = "cpu", progress: bool = False, label: str | None = None) -> Transformer:
+    """The model in `src`: int8 quantizes the seven projections of every block while loading (the rest stays
+    fp32); `adapter` applies a PEFT-format LoRA adapter, unmerged, after checking it belongs to this base."""
+    if dtype != "int8":
+        try:
+            parse_dtype(dtype)
+        except ValueError:
+            raise ValueError(f"base dtype {dtype!r} is not one of {', '.join(BASE_DTYPES)}") from None
+    device = pick_device(device) if isinstance(device, str) else device
+    adapted = read_adapter(adapter, src.args) if adapter is not None else None  # a bad adapter fails before a load
+    if dtype == "int8":
+        model = load_model(src, "fp32", hook=quantize_on_load, progress=progress)
+    else:
+        model = load_model(src, dtype, progress=progress)
+    if adapted is not None:
+        adapted.check_base(base_fingerprint(model), model.args.vocab_size, label or str(src.path))
+        apply_adapter(model, adapted)
+    if dtype == "int8":
+        add_int8_output_head(model)
+    return model.to(device)
+
+
+def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | Path | None = None,
+         adapter: str | Path | None = None, progress: bool = False,
+         device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+    """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name.
+
+    dtype "int8" quantizes the seven projection layers of every block while loading (the rest stays
+    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged. The weights are read on the CPU,
+    then moved to `device` ("auto": CUDA when present).
+    """
+    src, tok = open_base(base, tokenizer)
+    return load_from(src, dtype, adapter, device, progress, label=str(base)), tok
+
+
+__all__ = ["load", "load_from", "open_base", "tokenizer_of", "check_tokenizer_fits", "BASE_DTYPES"]
