@@ -1,10 +1,8 @@
 """Bad input gets one clear error naming the file and the fix, never a bare traceback from a library."""
 import json
-import subprocess
-import sys
 
 import pytest
-from helpers import ROOT, TOKENIZERS, need_shared, random_meta_state, write_hf, write_meta
+from helpers import TOKENIZERS, need_shared, random_meta_state, run_cli, write_hf, write_meta
 
 import lora_core
 from lora_core.loader import load_model
@@ -134,10 +132,15 @@ def test_tokenizer_json_malformed(tmp_path):
         lora_core.load_tokenizer(tmp_path)
 
 
-def test_train_cli_bad_data_is_one_line(tmp_path):
+def test_train_cli_bad_data_is_one_line(tmp_path, capsys, monkeypatch):
+    """Reported before the model is loaded (the loader is never reached)."""
+    import lora_core.trainer as trainer
+    from lora_core.cli.train import main
+
+    monkeypatch.setattr(trainer, "load_from", lambda *a, **k: pytest.fail("the model was loaded before the data"))
     (tmp_path / "d.json").write_text('[{"instruction": "a",', encoding="utf-8")
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(tmp_path / "d.json"), "--output",
-                        str(tmp_path / "o"), "--base-dtype", "fp32"], capture_output=True, text=True)
-    assert r.returncode == 1
-    last = r.stderr.strip().splitlines()[-1]
+    code, _, err = run_cli(main, ["--data", tmp_path / "d.json", "--output", tmp_path / "o", "--base-dtype", "fp32"],
+                           capsys)
+    assert code == 1
+    last = err.strip().splitlines()[-1]
     assert last.startswith("train.py: error: ") and "d.json:1: malformed JSON" in last

@@ -1,11 +1,9 @@
 """export: merged weights in gguf / meta / hf, read back by our loader, transformers and llama.cpp."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import randomize_lora, run_cli
 
 from lora_core.data import ALPACA
 
@@ -18,15 +16,13 @@ def adapter(smollm2_path, tmp_path_factory):
     import lora_core
     from lora_core.adapter import save_adapter
     from lora_core.loader import base_fingerprint
-    from lora_core.lora import apply_lora, enable_modules_to_save, lora_layers
+    from lora_core.lora import apply_lora, enable_modules_to_save
 
     model, _ = lora_core.load(smollm2_path, dtype="fp32")
     extras = {"base": str(smollm2_path), "fingerprint": base_fingerprint(model), "vocab_size": model.args.vocab_size}
     apply_lora(model, "all", r=4, alpha=8)
-    g = torch.Generator().manual_seed(0)  # A and B from this generator: the same adapter whatever ran before
-    for m in lora_layers(model).values():
-        m.lora_A.data = torch.rand(m.lora_A.shape, generator=g).sub_(0.5).mul_(2 / m.in_features ** 0.5)
-        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.03
+    randomize_lora(model, std=0.03, a_too=True)  # the same adapter whatever ran before
+    g = torch.Generator().manual_seed(1)
     enable_modules_to_save(model, ["lm_head"])
     model.lm_head.weight.data += torch.randn(model.lm_head.weight.shape, generator=g) * 0.01
     out = tmp_path_factory.mktemp("adapter") / "a"
@@ -209,15 +205,17 @@ def test_adapter_of_another_base_refused(smollm2_path, adapter, tmp_path):
         export(smollm2_path, adapter, "hf", tmp_path / "hf", "q8_0")
 
 
-def test_cli_verify_and_errors(adapter, tmp_path):
+def test_cli_verify_and_errors(adapter, tmp_path, capsys):
+    from lora_core.cli.export import main
+
     out = tmp_path / "m.gguf"
-    cmd = [sys.executable, str(ROOT / "export.py"), "--adapter", str(adapter), "--format", "gguf", "--out", str(out)]
-    r = subprocess.run(cmd + ["--dtype", "q8_0", "--verify"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr
-    assert "verify: max |logit difference|" in r.stderr and out.is_file()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("export.py: error:")
-    assert "--force" in r.stderr
+    argv = ["--adapter", adapter, "--format", "gguf", "--out", out]
+    code, _, err = run_cli(main, argv + ["--dtype", "q8_0", "--verify"], capsys)
+    assert code == 0, err
+    assert "verify: max |logit difference|" in err and out.is_file()
+    code, _, err = run_cli(main, argv, capsys)
+    assert code == 1 and err.strip().splitlines()[-1].startswith("export.py: error:")
+    assert "--force" in err
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +229,7 @@ def llama2_like(tmp_path_factory):
     import lora_core
     from lora_core.adapter import save_adapter
     from lora_core.loader import base_fingerprint
-    from lora_core.lora import apply_lora, lora_layers
+    from lora_core.lora import apply_lora
 
     params = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=64, norm_eps=1e-5, vocab_size=-1)
     d = tmp_path_factory.mktemp("llama2like")
@@ -240,8 +238,7 @@ def llama2_like(tmp_path_factory):
     model, _ = lora_core.load(d / "base")
     extras = {"base": str(d / "base"), "fingerprint": base_fingerprint(model), "vocab_size": model.args.vocab_size}
     apply_lora(model, "q_proj,k_proj,v_proj,o_proj", r=4, alpha=8)
-    for m in lora_layers(model).values():
-        m.lora_B.data.normal_(0, 0.05)
+    randomize_lora(model, std=0.05)
     save_adapter(model, d / "adapter", str(d / "base"), extras)
     return d / "base", d / "adapter"
 
@@ -276,13 +273,11 @@ def test_lora_gguf_runs_in_llama_cpp_on_the_base(smollm2_path, tmp_path):
     import lora_core
     from lora_core.adapter import save_adapter
     from lora_core.export import export
-    from lora_core.lora import apply_lora, lora_layers
+    from lora_core.lora import apply_lora
 
     model, tok = lora_core.load(smollm2_path, dtype="fp32")
     apply_lora(model, "q_proj,k_proj,v_proj,down_proj", r=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    for m in lora_layers(model).values():
-        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.03
+    randomize_lora(model, std=0.03, seed=1)
     save_adapter(model, tmp_path / "a", str(smollm2_path))
     want = logits_of(model, tok)
     lora = export(smollm2_path, tmp_path / "a", "lora-gguf", tmp_path / "adapter.gguf")

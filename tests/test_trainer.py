@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import DATA, ROOT, TOKENIZERS, need_shared, random_meta_state, write_hf
+from helpers import DATA, ROOT, TOKENIZERS, free_port, need_shared, random_meta_state, write_hf
 
 from lora_core.data import ALPACA, load_examples
 from lora_core.lora import LoRALinear, apply_lora, mark_only_lora_trainable
@@ -116,8 +116,9 @@ def test_fresh_run_refuses_to_mix_with_old_checkpoints(tiny_base, tmp_path):
 def test_two_processes_equal_one(tiny_base, tmp_path):
     one = run_train(common(tiny_base, tmp_path / "one") + ["--lora-dropout", "0"])
     assert one.wait(timeout=600) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-                str(ROOT / "train.py"), *common(tiny_base, tmp_path / "two"), "--lora-dropout", "0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), str(ROOT / "train.py"), *common(tiny_base, tmp_path / "two"),
+                "--lora-dropout", "0"]
     two = subprocess.run(torchrun, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
