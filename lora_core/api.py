@@ -17,6 +17,16 @@ from .weights import GGUFWeights, Weights, open_weights
 BASE_DTYPES = ("int8", "bf16", "fp32")
 
 
+def check_base_dtype(dtype: str):
+    """The one message for an unknown base dtype, from the API and from every CLI (--base-dtype)."""
+    if dtype == "int8":
+        return
+    try:
+        parse_dtype(dtype)
+    except ValueError:
+        raise ValueError(f"base dtype {dtype!r} is not one of {', '.join(BASE_DTYPES)} (--base-dtype)") from None
+
+
 def check_tokenizer_fits(tokenizer: Tokenizer, args, weights: Path):
     """The tokenizer may be smaller than the embedding (padded vocabularies), never larger."""
     if tokenizer.vocab_size > args.vocab_size:
@@ -50,11 +60,7 @@ def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = No
               device: str | torch.device = "cpu", progress: bool = False, label: str | None = None) -> Transformer:
     """The model in `src`: int8 quantizes the seven projections of every block while loading (the rest stays
     fp32); `adapter` applies a PEFT-format LoRA adapter, unmerged, after checking it belongs to this base."""
-    if dtype != "int8":
-        try:
-            parse_dtype(dtype)
-        except ValueError:
-            raise ValueError(f"base dtype {dtype!r} is not one of {', '.join(BASE_DTYPES)}") from None
+    check_base_dtype(dtype)
     device = pick_device(device) if isinstance(device, str) else device
     adapted = read_adapter(adapter, src.args) if adapter is not None else None  # a bad adapter fails before a load
     if dtype == "int8":

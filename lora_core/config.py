@@ -38,53 +38,63 @@ class ModelArgs:
         return asdict(self)
 
     @classmethod
-    def from_meta_params(cls, params: dict, vocab_size: int | None = None) -> ModelArgs:
+    def from_meta_params(cls, params: dict, vocab_size: int | None = None, source: str = "params.json") -> ModelArgs:
         """Meta's params.json; the FFN size follows llama/model.py's multiple_of rule."""
-        dim = params["dim"]
+        def get(key, kind=int, default=_REQUIRED):
+            return config_value(params, key, kind, source, default)
+
+        dim = get("dim")
         hidden = int(2 * (4 * dim) / 3)
-        if params.get("ffn_dim_multiplier") is not None:
-            hidden = int(params["ffn_dim_multiplier"] * hidden)
-        multiple_of = params.get("multiple_of", 256)
+        if get("ffn_dim_multiplier", float, None) is not None:
+            hidden = int(get("ffn_dim_multiplier", float) * hidden)
+        multiple_of = get("multiple_of", int, 256)
         hidden = multiple_of * math.ceil(hidden / multiple_of)
         vocab = params.get("vocab_size", -1)
-        if vocab is None or vocab <= 0:  # LLaMA 1/2 params.json say -1: the tokenizer decides
+        if vocab is None or (isinstance(vocab, int) and vocab <= 0):  # LLaMA 1/2 say -1: the tokenizer decides
             vocab = vocab_size
+        else:
+            vocab = get("vocab_size")
         if vocab is None:
-            raise ValueError("params.json has no vocab_size and none was read from the weights")
+            raise ValueError(f"{source}: no vocab_size, and none was read from the weights")
         return cls(
             dim=dim,
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads"),
+            n_layers=get("n_layers"),
+            n_heads=get("n_heads"),
+            n_kv_heads=get("n_kv_heads", int, None),
             vocab_size=vocab,
             hidden_dim=hidden,
-            norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=params.get("rope_theta", 10000.0),
-            max_seq_len=params.get("max_seq_len", 2048),
+            norm_eps=get("norm_eps", float, 1e-5),
+            rope_theta=get("rope_theta", float, 10000.0),
+            max_seq_len=get("max_seq_len", int, 2048),
             rope_scaling=(_llama3_scaling(params.get("rope_scaling_factor", 8.0)) if params.get("use_scaled_rope")
                           else None),
         )
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> ModelArgs:
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> ModelArgs:
         """HF LlamaConfig as config.json."""
+        def get(key, kind=int, default=_REQUIRED):
+            return config_value(cfg, key, kind, source, default)
+
         arch = cfg.get("model_type", "llama")
         if arch != "llama":
-            raise ValueError(f"config.json has model_type {arch!r}; only 'llama' is supported")
-        head_dim = cfg.get("head_dim")
-        if head_dim and head_dim != cfg["hidden_size"] // cfg["num_attention_heads"]:
-            raise ValueError(f"config.json head_dim {head_dim} differs from hidden_size / num_attention_heads; "
+            raise ValueError(f"{source}: model_type is {arch!r}; only 'llama' is supported")
+        dim, heads = get("hidden_size"), get("num_attention_heads")
+        head_dim = get("head_dim", int, None)
+        if head_dim and head_dim != dim // heads:
+            raise ValueError(f"{source}: head_dim {head_dim} differs from hidden_size / num_attention_heads; "
                              "not supported")
+        rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
         return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads"),
-            vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            dim=dim,
+            n_layers=get("num_hidden_layers"),
+            n_heads=heads,
+            n_kv_heads=get("num_key_value_heads", int, None),
+            vocab_size=get("vocab_size"),
+            hidden_dim=get("intermediate_size"),
+            norm_eps=get("rms_norm_eps", float, 1e-6),
+            rope_theta=get("rope_theta", float, config_value(rope, "rope_theta", float, source, 10000.0)),
+            max_seq_len=get("max_position_embeddings", int, 2048),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_scaling=_hf_rope_scaling(cfg),
         )
@@ -111,6 +121,23 @@ class ModelArgs:
             max_seq_len=int(meta.get("llama.context_length", 2048)),
             tie_embeddings="output.weight" not in tensor_names,
         )
+
+
+_REQUIRED = object()
+
+
+def config_value(cfg: dict, key: str, kind: type, source: str, default=_REQUIRED):
+    """cfg[key] checked to be a positive number of the right kind (bool is not a number); one-line errors."""
+    if key not in cfg or cfg[key] is None:
+        if default is _REQUIRED:
+            raise ValueError(f"{source}: {key} is missing; the file is incomplete or not a LLaMA config")
+        return default
+    value = cfg[key]
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or not math.isfinite(value) or value <= 0:
+        want = "a positive integer" if kind is int else "a positive number"
+        raise ValueError(f"{source}: {key} is {value!r}; expected {want}")
+    return kind(value)
 
 
 def _llama3_scaling(factor: float, low: float = 1.0, high: float = 4.0, original: int = 8192) -> dict:

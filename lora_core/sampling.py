@@ -1,6 +1,7 @@
 """Choosing the next token from logits: repetition penalty, temperature, top-k, top-p (in HF's order)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,13 +18,13 @@ class Sampling:
 
     def check(self) -> list[str]:
         """Raise on impossible settings; return warnings for settings that will have no effect."""
-        if self.temperature < 0:
-            raise ValueError(f"--temperature {self.temperature}: must be >= 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"--temperature {self.temperature}: must be a finite number >= 0 (0 is greedy)")
         if self.top_k < 0:
             raise ValueError(f"--top-k {self.top_k}: must be >= 0 (0 switches it off)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p {self.top_p}: must be in (0, 1] (1 switches it off)")
-        if self.repetition_penalty <= 0:
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"--repetition-penalty {self.repetition_penalty}: must be > 0 (1 is no penalty)")
         warnings = []
         if self.greedy and (self.top_k or self.top_p < 1):

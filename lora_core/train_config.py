@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .api import BASE_DTYPES
+from .api import check_base_dtype
 from .device import DEVICES
 from .loader import DEFAULT_BASE
 
@@ -42,7 +42,7 @@ class TrainConfig:
     targets: str = _opt("q_proj,v_proj", "q_proj,v_proj ... (Meta wq.. too) or all")
     modules_to_save: list[str] = _opt(list, "fully trained modules, e.g. embed_tokens lm_head")
     train_on_inputs: bool = _opt(False, "also learn the prompt tokens")
-    base_dtype: str = _opt("int8", "frozen base precision", choices=BASE_DTYPES)
+    base_dtype: str = _opt("int8", "frozen base precision: int8, bf16 or fp32")
     eval_every: int = _opt(200, "evaluate every N steps (and at the end)")
     save_every: int = _opt(200, "checkpoint every N steps")
     keep_checkpoints: int = _opt(2, "how many of the latest checkpoints to keep")
@@ -86,8 +86,7 @@ class TrainConfig:
                              f"{self.micro_batch_size}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
-        if self.base_dtype not in BASE_DTYPES:
-            raise ValueError(f"--base-dtype {self.base_dtype!r}: choose {', '.join(BASE_DTYPES)}")
+        check_base_dtype(self.base_dtype)
         if self.cutoff_len < 8:
             raise ValueError(f"--cutoff-len {self.cutoff_len} is too short to hold a prompt and an answer")
         if not self.data:

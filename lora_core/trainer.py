@@ -272,42 +272,44 @@ def fit(run: Run) -> dict:
     """The loop: one optimizer step per iteration, metrics every step, evaluation and checkpoints on schedule."""
     cfg, model, optimizer = run.cfg, run.model, run.optimizer
     lengths = [len(e.input_ids) for e in run.train_set]
-    bar = tqdm(total=run.total_steps, initial=run.start, disable=not run.main, unit="step", dynamic_ncols=True)
     row = {}
-    for step in range(run.start, run.total_steps):
-        t0 = time.perf_counter()
-        batch = [run.train_set[i] for i in step_indices(lengths, step, cfg.seed, cfg.batch_size, cfg.group_by_length)]
-        n_targets = sum(e.n_targets for e in batch)  # over all ranks: every rank knows the whole step
-        lr = lr_at(step, cfg, run.total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, tokens = accumulate_gradients(model, batch[run.rank::run.world], n_targets, cfg.micro_batch_size,
-                                            run.tok.pad_id)
-        if run.world > 1:
-            loss, tokens = _all_reduce_grads(run.params, loss, tokens)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)  # 0: no clipping
-        loss, grad_norm = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the one host sync of the step
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise FloatingPointError(f"step {step + 1}: the loss is {loss}, the gradient norm {grad_norm}; stopped "
-                                     f"before the adapter was touched (lower --lr or check the data); the last "
-                                     f"checkpoint in {run.ckpt_dir} is intact")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        row = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-               "tokens_per_s": tokens / (time.perf_counter() - t0)}
-        if run.val_set and (done % cfg.eval_every == 0 or done == run.total_steps):
-            row["eval_loss"] = evaluate(model, run.val_set, cfg.micro_batch_size, run.tok.pad_id)
-        if run.main:
-            run.log.add(**row)
-            if "eval_loss" in row or done == run.total_steps:
-                run.log.plot(run.out / "loss.png")
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
-            if done % cfg.save_every == 0 or done == run.total_steps:
-                save_checkpoint(run.ckpt_dir, model, optimizer, done, cfg.modules_to_save, cfg.keep_checkpoints,
-                                run.extras, run.record)
-    bar.close()
+    # closed before any error is printed, so the error stays the last line a user sees
+    bar = tqdm(total=run.total_steps, initial=run.start, disable=not run.main, unit="step", dynamic_ncols=True)
+    with bar:
+        for step in range(run.start, run.total_steps):
+            t0 = time.perf_counter()
+            chosen = step_indices(lengths, step, cfg.seed, cfg.batch_size, cfg.group_by_length)
+            batch = [run.train_set[i] for i in chosen]
+            n_targets = sum(e.n_targets for e in batch)  # over all ranks: every rank knows the whole step
+            lr = lr_at(step, cfg, run.total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, tokens = accumulate_gradients(model, batch[run.rank::run.world], n_targets, cfg.micro_batch_size,
+                                                run.tok.pad_id)
+            if run.world > 1:
+                loss, tokens = _all_reduce_grads(run.params, loss, tokens)
+            grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)  # 0: no clip
+            loss, grad_norm = torch.stack([loss.float(), grad_norm.float()]).tolist()  # the step's one host sync
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise FloatingPointError(f"step {step + 1}: the loss is {loss}, the gradient norm {grad_norm}; "
+                                         "stopped before the adapter was touched (lower --lr or check the data); the "
+                                         f"last checkpoint in {run.ckpt_dir} is intact")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            row = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            if run.val_set and (done % cfg.eval_every == 0 or done == run.total_steps):
+                row["eval_loss"] = evaluate(model, run.val_set, cfg.micro_batch_size, run.tok.pad_id)
+            if run.main:
+                run.log.add(**row)
+                if "eval_loss" in row or done == run.total_steps:
+                    run.log.plot(run.out / "loss.png")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+                if done % cfg.save_every == 0 or done == run.total_steps:
+                    save_checkpoint(run.ckpt_dir, model, optimizer, done, cfg.modules_to_save,
+                                    cfg.keep_checkpoints, run.extras, run.record)
     return row
 
 

@@ -10,16 +10,21 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelArgs
+from .config import ModelArgs, config_value
 from .gguf_io import GGUFFile
 from .names import hf_to_meta_rows, name_map, rope_heads
 
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno}); fix or replace the file") from e
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a JSON file ({type(e).__name__}); fix or replace the file") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}; fix or replace the file")
+    return value
 
 
 class _SafetensorsFiles:
@@ -101,9 +106,12 @@ class MetaWeights(Weights):
         self._pth = {}
         self._keys = set(self._shard_keys(shards[0]))
         params = _read_json(path / "params.json")
-        self._dim = params["dim"]
+        self._dim = config_value(params, "dim", int, str(path / "params.json"))
+        if "tok_embeddings.weight" not in self._keys:
+            raise ValueError(f"{shards[0]}: no tok_embeddings.weight; the checkpoint is incomplete or not in Meta's "
+                             "layout")
         emb = self._read("tok_embeddings.weight")
-        self.args = ModelArgs.from_meta_params(params, vocab_size=emb.shape[0])
+        self.args = ModelArgs.from_meta_params(params, vocab_size=emb.shape[0], source=str(path / "params.json"))
         for candidate in (path / "tokenizer.model", path / "tokenizer.json", path.parent / "tokenizer.model"):
             if candidate.is_file():
                 self.tokenizer_path = candidate
@@ -151,7 +159,7 @@ class HFWeights(Weights):
 
     def __init__(self, path: Path):
         self.path = path
-        self.args = ModelArgs.from_hf_config(_read_json(path / "config.json"))
+        self.args = ModelArgs.from_hf_config(_read_json(path / "config.json"), source=str(path / "config.json"))
         self._files = _SafetensorsFiles()
         index = path / "model.safetensors.index.json"
         if index.is_file():

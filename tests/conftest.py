@@ -49,3 +49,19 @@ def hf_smollm2(smollm2_path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, torch_dtype=torch.float32).eval()
+
+
+TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny random LLaMA in HF layout with LLaMA-2's real tokenizer beside it (copied to a temp dir)."""
+    import shutil
+
+    from helpers import TOKENIZERS, need_shared, random_meta_state, write_hf
+
+    d = tmp_path_factory.mktemp("tiny") / "base"
+    write_hf(d, random_meta_state(TINY, 32000, tie=True), TINY, 32000, tie=True)
+    shutil.copy(need_shared(TOKENIZERS / "llama2_tokenizer.model"), d / "tokenizer.model")
+    return d

@@ -3,13 +3,14 @@ import json
 
 import pytest
 import torch
-from helpers import random_meta_state, write_hf
 from torch import nn
 
 from lora_core.adapter import load_adapter, read_adapter, save_adapter
 from lora_core.loader import load_model
 from lora_core.lora import LoRALinear, apply_lora
 from lora_core.weights import open_weights
+
+from helpers import random_meta_state, write_hf
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-from helpers import DATA, TOKENIZERS, need_shared
 
 from lora_core.data import (
     ALPACA,
@@ -15,6 +14,8 @@ from lora_core.data import (
     split_validation,
 )
 from lora_core.tokenizer import load_tokenizer
+
+from helpers import DATA, TOKENIZERS, need_shared
 
 
 @pytest.fixture(scope="module")

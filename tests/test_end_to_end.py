@@ -4,9 +4,10 @@ import sys
 
 import pytest
 import torch
-from helpers import DATA, ROOT, need_shared
 
 from lora_core.data import ALPACA
+
+from helpers import DATA, ROOT, need_shared
 
 
 def greedy(model, tok, prompt, n=32):

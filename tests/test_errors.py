@@ -2,11 +2,12 @@
 import json
 
 import pytest
-from helpers import TOKENIZERS, need_shared, random_meta_state, run_cli, write_hf, write_meta
 
 import lora_core
 from lora_core.loader import load_model
 from lora_core.weights import open_weights
+
+from helpers import TOKENIZERS, need_shared, random_meta_state, run_cli, write_hf, write_meta
 
 PARAMS = dict(dim=32, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5)
 

@@ -3,9 +3,10 @@ import json
 
 import pytest
 import torch
-from helpers import randomize_lora, run_cli
 
 from lora_core.data import ALPACA
+
+from helpers import randomize_lora, run_cli
 
 PROMPTS = ["The capital of France is", "你好，请介绍一下你自己。", ALPACA.prompt("Who are you?")]
 
@@ -224,12 +225,12 @@ def llama2_like(tmp_path_factory):
     plus a random adapter on it: the path of LLaMA 1/2 and Chinese-LLaMA users."""
     import shutil
 
-    from helpers import TOKENIZERS, need_shared, random_meta_state, write_meta
-
     import lora_core
     from lora_core.adapter import save_adapter
     from lora_core.loader import base_fingerprint
     from lora_core.lora import apply_lora
+
+    from helpers import TOKENIZERS, need_shared, random_meta_state, write_meta
 
     params = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=64, norm_eps=1e-5, vocab_size=-1)
     d = tmp_path_factory.mktemp("llama2like")

@@ -4,13 +4,14 @@ import json
 
 import pytest
 import torch
-from helpers import randomize_lora, run_cli
 
 from lora_core.chat import Conversation
 from lora_core.cli import generate as generate_cli
 from lora_core.data import ALPACA, VICUNA_CHAT
 from lora_core.generation import TextStopper, generate
 from lora_core.sampling import Sampling
+
+from helpers import randomize_lora, run_cli
 
 GREEDY = Sampling(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 ZH = "骆驼是一种大型哺乳动物，生活在沙漠里。它们能够长时间不喝水。"

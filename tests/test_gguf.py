@@ -2,12 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from gguf_fixtures import write_gguf
-from helpers import meta_hidden_dim, random_meta_state, write_hf
 
 from lora_core.gguf_io import GGUFFile, dequantize_blocks
 from lora_core.loader import load_model
 from lora_core.weights import open_weights
+
+from gguf_fixtures import write_gguf
+from helpers import meta_hidden_dim, random_meta_state, write_hf
 
 gguf = pytest.importorskip("gguf")
 

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+
 from helpers import DATA, TOKENIZERS, need_shared, random_meta_state, write_hf
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
-from helpers import DATA, need_shared
 from torch import nn
 
 from lora_core.lora import LoRALinear
 from lora_core.quant import Int8Linear
+
+from helpers import DATA, need_shared
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -40,9 +41,8 @@ def perplexity(model, seqs):
 @pytest.mark.parametrize("path", ["int_mm", "dequant"])  # activations quantized / weight-only
 def test_smollm2_int8_perplexity_within_two_percent(smollm2, smollm2_path, path):
     """A small version of tests/benchmarks/test_int8_accuracy.py (60 sequences, every path)."""
-    from lora_core.kernels import dispatch
-
     import lora_core
+    from lora_core.kernels import dispatch
 
     why = dispatch.why_unavailable(path)
     if why:

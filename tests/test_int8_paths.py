@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+
 from lora_core.kernels import cpu, cpu_info, dispatch, native
 from lora_core.kernels import reference as ref
 from lora_core.kernels.int8_linear import backward_product, forward_product, int8_linear
-
 from lora_core.quant import Int8Linear
 
 SHAPES = [(1, 37, 50), (5, 123, 77), (123, 64, 129), (16, 96, 33), (2, 576, 40)]  # (M, K, N): odd sizes

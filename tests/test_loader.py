@@ -1,10 +1,11 @@
 """Streaming loader: the per-tensor hook, dtypes, frozen weights, no meta tensors left behind."""
 import torch
-from helpers import random_meta_state, write_hf
 from torch import nn
 
 from lora_core.loader import load_model
 from lora_core.weights import open_weights
+
+from helpers import random_meta_state, write_hf
 
 PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
 
@@ -51,9 +52,9 @@ def test_loaded_base_is_frozen_and_typed(tmp_path):
 
 
 def test_qk_permutations_are_inverse_and_match_hf_script():
-    from helpers import hf_permute
-
     from lora_core.names import hf_to_meta_rows, meta_to_hf_rows
+
+    from helpers import hf_permute
 
     w = torch.randn(3 * 10, 7)  # 3 heads of head_dim 10
     assert torch.equal(meta_to_hf_rows(w, 3), hf_permute(w, 3))

@@ -1,25 +1,16 @@
 """The training loss through lm_head in chunks, with its gradient taken in the forward pass, against full
 cross-entropy: the loss, LoRA gradients and a trained lm_head's gradient."""
-import shutil
 
-import pytest
 import torch
-from helpers import DATA, TOKENIZERS, need_shared, random_meta_state, write_hf
 
 import lora_core.loss as loss
 from lora_core.batching import collate
 from lora_core.data import ALPACA, load_examples
 from lora_core.lora import apply_lora, mark_only_lora_trainable
 
+from helpers import DATA, need_shared
+
 PARAMS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny") / "base"
-    write_hf(d, random_meta_state(PARAMS, 32000, tie=True), PARAMS, 32000, tie=True)
-    shutil.copy(need_shared(TOKENIZERS / "llama2_tokenizer.model"), d / "tokenizer.model")
-    return d
 
 
 def test_chunked_loss_equals_full_cross_entropy(tiny_base, monkeypatch):

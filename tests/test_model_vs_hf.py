@@ -1,10 +1,11 @@
 """Our LLaMA on tiny random checkpoints (Meta and HF layouts) against HF transformers' LlamaForCausalLM."""
 import pytest
 import torch
-from helpers import random_meta_state, write_hf, write_meta
 
 from lora_core.loader import load_model
 from lora_core.weights import open_weights
+
+from helpers import random_meta_state, write_hf, write_meta
 
 transformers = pytest.importorskip("transformers")
 

@@ -2,10 +2,11 @@
 import json
 
 import pytest
-from gguf_fixtures import write_gguf
-from helpers import DATA, TOKENIZERS, need_shared, random_meta_state
 
 from lora_core.tokenizer import SentencePieceTokenizer, load_tokenizer
+
+from gguf_fixtures import write_gguf
+from helpers import DATA, TOKENIZERS, need_shared, random_meta_state
 
 SAMPLES = [
     "Hello world! How are you today?",

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import lora_core
+from lora_core.adapter import adapter_extras
+from lora_core.export import export
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base and export the result.")
@@ -32,16 +36,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse_args(argv)
     try:
-        import lora_core
-        from lora_core.adapter import adapter_extras
-        from lora_core.export import export
-
+        if not a.max_shard_size > 0:
+            raise ValueError(f"--max-shard-size {a.max_shard_size}: must be a positive number of GiB")
         base = a.base or (adapter_extras(a.adapter).get("base") if a.adapter else None) or lora_core.DEFAULT_BASE
         out = export(base, a.adapter, a.format, a.out, a.dtype, a.force, a.verify, int(a.max_shard_size * 2**30),
                      device=a.device)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\nexport.py: interrupted; nothing was written", file=sys.stderr)
+        return 130
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from tqdm import tqdm
+
+import lora_core
+from lora_core.adapter import adapter_extras
+from lora_core.answers import AnswerFile
+from lora_core.api import check_base_dtype
+from lora_core.chat import Conversation
+from lora_core.data import load_template, read_records
+from lora_core.generation import generate
+from lora_core.kernels import dispatch
+from lora_core.sampling import Sampling
 
 COMMANDS = "/reset starts a new conversation, /quit (or Ctrl-D) leaves"
 
@@ -19,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate with a base model and an optional LoRA adapter.")
     p.add_argument("--base", default=None, help="model dir, .gguf or smollm2-135m (default: the adapter's own base)")
     p.add_argument("--adapter", default=None, help="a PEFT-format LoRA adapter directory (ours or PEFT's)")
-    p.add_argument("--base-dtype", default="int8", choices=["int8", "bf16", "fp32"], help="base weight precision")
+    p.add_argument("--base-dtype", default="int8", help="base weight precision: int8, bf16 or fp32")
     p.add_argument("--template", default=None, help="prompt template (default: the adapter's training template, "
                    "else alpaca)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, with no template")
@@ -27,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", default=None, help="the alpaca input field for --prompt")
     p.add_argument("--input-file", default=None, help="alpaca JSON / JSONL records to answer in turn")
     p.add_argument("--output-file", default=None, help="JSONL of the records with their responses (with --input-file)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output-file")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --input-file run: records "
+                   "already answered are skipped")
     p.add_argument("--interactive", action="store_true", help=f"chat; {COMMANDS}")
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy decoding")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default 40, 0 off)")
@@ -51,8 +65,8 @@ def check_args(a: argparse.Namespace) -> list[str]:
         raise ValueError(f"choose one of --prompt, --input-file or --interactive (got {', '.join(modes) or 'none'})")
     if a.input is not None and a.prompt is None:
         raise ValueError("--input is the alpaca input field of --prompt; give --prompt too")
-    if a.output_file and not a.input_file:
-        raise ValueError("--output-file goes with --input-file")
+    if (a.output_file or a.resume or a.force) and not a.input_file:
+        raise ValueError("--output-file, --force and --resume go with --input-file")
     if a.input_file and not a.output_file:
         raise ValueError("--input-file needs --output-file for the responses")
     if a.raw and (a.template or a.input is not None or a.interactive or a.input_file):
@@ -65,9 +79,7 @@ def check_args(a: argparse.Namespace) -> list[str]:
     return []
 
 
-def sampling_of(a: argparse.Namespace):
-    from lora_core.sampling import Sampling
-
+def sampling_of(a: argparse.Namespace) -> Sampling:
     greedy = a.temperature == 0
     top_k = a.top_k if a.top_k is not None else (0 if greedy else 40)
     top_p = a.top_p if a.top_p is not None else (1.0 if greedy else 0.9)
@@ -88,34 +100,43 @@ def trained_template(adapter: str | None) -> str:
     return "alpaca"
 
 
-def answer_file(model, tok, template, a, sampling, stop) -> int:
-    from tqdm import tqdm
+def questions(path) -> list[dict]:
+    """The alpaca records of --input-file; bad ones reported by file:line and skipped."""
+    good, bad = [], 0
+    for where, r in read_records(path):
+        if isinstance(r, Exception) or not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
+            print(f"{where}: skipped: not an alpaca record with an 'instruction' string", file=sys.stderr)
+            bad += 1
+            continue
+        good.append(r)
+    if bad:
+        print(f"{path}: {bad} bad records skipped", file=sys.stderr)
+    if not good:
+        raise ValueError(f"{path}: no alpaca record with an 'instruction' string to answer")
+    return good
 
-    from lora_core.data import read_records
-    from lora_core.generation import generate
 
-    records, bad = read_records(a.input_file), 0
-    out = Path(a.output_file)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for where, r in tqdm(records, desc="generating", unit="record", file=sys.stderr):
-            if isinstance(r, Exception) or not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
-                print(f"{where}: skipped: not an alpaca record with an 'instruction' string", file=sys.stderr)
-                bad += 1
-                continue
+def answer_file(model, tok, template, a, sampling, stop, records: list[dict], out: AnswerFile) -> int:
+    out.check_same_questions(records)
+    if out.done:
+        print(f"resuming: {len(out.done)} of {len(records)} records already answered in {out.partial}",
+              file=sys.stderr)
+    try:
+        for r in tqdm(records[len(out.done):], desc="generating", unit="record", file=sys.stderr):
             ids = tok.encode(template.prompt(r["instruction"], r.get("input") or ""))
             g = generate(model, tok, ids, sampling, a.max_new_tokens, stop, a.seed)
-            f.write(json.dumps({**r, "response": g.text.strip()}, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-    print(f"{len(records) - bad} responses written to {out}" + (f"; {bad} bad records skipped" if bad else ""),
-          file=sys.stderr)
+            out.add({**r, "response": g.text.strip()})
+    except KeyboardInterrupt:
+        out.close()
+        print(f"\ngenerate.py: interrupted; the answers so far are in {out.partial}: rerun with --resume to "
+              "continue", file=sys.stderr)
+        return 130
+    out.finish()
+    print(f"{len(records)} responses written to {out.out}", file=sys.stderr)
     return 0
 
 
 def chat(model, tok, template, a, sampling, stop) -> int:
-    from lora_core.chat import Conversation
-    from lora_core.generation import generate
-
     conv = Conversation(tok, template, model.args.max_seq_len, a.max_new_tokens)
     print(f"chatting with the {template.name} template; {COMMANDS}", file=sys.stderr)
     while True:
@@ -150,22 +171,20 @@ def main(argv=None) -> int:
         for w in check_args(a):
             print(f"generate.py: warning: {w}", file=sys.stderr)
         sampling = sampling_of(a)
-        import lora_core
-        from lora_core.adapter import adapter_extras
-        from lora_core.data import load_template
-        from lora_core.generation import generate
-
+        check_base_dtype(a.base_dtype)
         template = None if a.raw else load_template(a.template or trained_template(a.adapter))
         base = a.base or (adapter_extras(a.adapter).get("base") if a.adapter else None) or lora_core.DEFAULT_BASE
         if a.int8_path:
-            from lora_core.kernels import dispatch
-
             dispatch.force(a.int8_path)
+        records = out = None
+        if a.input_file:  # the questions and the output are checked before the model loads
+            records = questions(a.input_file)
+            out = AnswerFile(a.output_file, a.input_file, force=a.force, resume=a.resume)
         model, tok = lora_core.load(base, dtype=a.base_dtype, adapter=a.adapter, device=a.device)
         stop = tuple(a.stop) if a.stop is not None else (
             () if template is None else template.chat_stop if a.interactive else template.stop)
         if a.input_file:
-            return answer_file(model, tok, template, a, sampling, stop)
+            return answer_file(model, tok, template, a, sampling, stop, records, out)
         if a.interactive:
             return chat(model, tok, template, a, sampling, stop)
         text = a.prompt if template is None else template.prompt(a.prompt, a.input or "")
@@ -174,7 +193,7 @@ def main(argv=None) -> int:
         print()
         print(g.speed(), file=sys.stderr)
         return 0
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

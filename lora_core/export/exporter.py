@@ -38,6 +38,40 @@ def _remove(path: Path):
         path.unlink()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Temporary outputs (.NAME.tmp-PID) that exports killed before they could clean up left beside `out`."""
+    removed = []
+    for tmp in out.parent.glob(f".{out.stem}.tmp-*{out.suffix}"):
+        pid = tmp.name.removeprefix(f".{out.stem}.tmp-").removesuffix(out.suffix)
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def _check_output(out: Path, sources: list[Path]):
+    """Refuse an output that is, contains or lies inside what the export reads (the base, the adapter)."""
+    target = out.resolve()
+    for src in sources:
+        src = src.resolve()
+        if target == src or src.is_relative_to(target) or (src.is_dir() and target.is_relative_to(src)):
+            raise ValueError(f"{out}: this output would overwrite {src}, which the export reads; choose an --out "
+                             "outside the base and the adapter")
+    parent = out.parent if out.parent.exists() else next(p for p in out.parents if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{parent}: not writable (permission denied); choose another --out")
+
+
 def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool = False, verify: bool = False,
            max_shard_bytes: int = 5 << 30, device: str | torch.device = "cpu") -> Path:
     if fmt not in FORMATS:
@@ -52,11 +86,15 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
         raise ValueError("--format lora-gguf writes an adapter: give --adapter")
     if fmt in ("gguf", "lora-gguf") and out.suffix != ".gguf":
         raise ValueError(f"{out}: a GGUF export is one file; name it *.gguf")
-    ckpt = open_weights(resolve_base(base))
+    base_path = resolve_base(base)
+    _check_output(out, [base_path] + ([Path(adapter)] if adapter is not None else []))
+    ckpt = open_weights(base_path)
     tok = tokenizer_of(ckpt)
     plan = plan_merge(ckpt, adapter)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for old in remove_stale_temporaries(out):
+        print(f"removed {old}, left by an export that was killed", file=sys.stderr)
+    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
     if fmt == "lora-gguf":
         return _export_lora(plan, out, tmp, dtype)
     if fmt == "meta":

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers import DATA, need_shared
 
 from lora_core.quant import Int8Linear
+
+from helpers import DATA, need_shared
 
 pytestmark = pytest.mark.benchmark
 PROMPTS = ["The capital of France is", "List three primary colors:", "What is the boiling point of water?",
@@ -28,7 +29,10 @@ def greedy(model, ids, n=24):
 
 
 def test_int8_accuracy_table(smollm2, smollm2_path, monkeypatch):
+    """Perplexity and greedy agreement for every int8 path, forced one at a time (the dispatcher picks by
+    speed; this says what each choice costs in accuracy)."""
     import lora_core
+    from lora_core.kernels import cpu_info, dispatch
 
     fp32, tok = smollm2
     rows = json.loads(need_shared(DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:60]
@@ -36,18 +40,26 @@ def test_int8_accuracy_table(smollm2, smollm2_path, monkeypatch):
     int8, _ = lora_core.load(smollm2_path, dtype="int8")
     ref_ppl = perplexity(fp32, seqs)
     ref_answers = [greedy(fp32, tok.encode(p)) for p in PROMPTS]
-    print(f"\nSmolLM2-135M, {sum(len(s) - 1 for s in seqs)} predicted tokens of {len(seqs)} alpaca_en outputs; "
+    print(f"\nSmolLM2-135M on {cpu_info.describe()}")
+    print(f"{sum(len(s) - 1 for s in seqs)} predicted tokens of {len(seqs)} alpaca_en outputs; "
           f"greedy: {len(PROMPTS)} prompts x 24 tokens")
-    print(f"{'base':<34}{'perplexity':>11}{'vs fp32':>9}{'same greedy tokens':>20}")
-    print(f"{'fp32':<34}{ref_ppl:>11.4f}{'':>9}{'':>20}")
-    variants = [("int8, outliers |x|>6 in float", 6.0), ("int8, no outlier split", 0.0), ("int8 weight-only", None)]
-    for label, threshold in variants:
-        if threshold is None:
-            monkeypatch.setattr(Int8Linear, "forward", lambda self, x: x @ self.dequantize().t().to(x.dtype))
-        else:
+    print(f"{'base':<44}{'perplexity':>11}{'vs fp32':>9}{'same greedy tokens':>20}")
+    print(f"{'fp32':<44}{ref_ppl:>11.4f}{'':>9}{'':>20}")
+    variants = [("int_mm: activations int8, outliers |x|>6 float", "int_mm", 6.0),
+                ("int_mm: activations int8, no outlier split", "int_mm", 0.0),
+                ("dequant: weight-only, fp32 activations", "dequant", None),
+                ("gemv: weight-only, fp32 activations", "gemv", None),
+                ("weight_only: weight-only, bf16 activations", "weight_only", None)]
+    for label, path, threshold in variants:
+        why = dispatch.why_unavailable(path)
+        if why:
+            print(f"{label:<44}  not run: {why}")
+            continue
+        if threshold is not None:
             monkeypatch.setattr(Int8Linear, "threshold", threshold)
-        p = perplexity(int8, seqs)
-        # greedy() re-runs the whole sequence each step (no KV cache): the quantized-activation path for M >= 8
-        same = sum(a == b for ref, got in zip(ref_answers, (greedy(int8, tok.encode(q)) for q in PROMPTS))
-                   for a, b in zip(ref, got))
-        print(f"{label:<34}{p:>11.4f}{p / ref_ppl - 1:>+9.2%}{same:>14}/{24 * len(PROMPTS)}")
+        with dispatch.forcing(f"forward={path}"):
+            p = perplexity(int8, seqs)
+            # greedy() re-runs the whole sequence each step (no KV cache), so every M goes through the path
+            same = sum(a == b for ref, got in zip(ref_answers, (greedy(int8, tok.encode(q)) for q in PROMPTS))
+                       for a, b in zip(ref, got))
+        print(f"{label:<44}{p:>11.4f}{p / ref_ppl - 1:>+9.2%}{same:>14}/{24 * len(PROMPTS)}")

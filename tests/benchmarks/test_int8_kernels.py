@@ -11,10 +11,12 @@ run well are not timed (torch._int_mm without VNNI/AMX is a reference loop) and 
 """
 import pytest
 import torch
-from bench_util import median_seconds
+
 from lora_core.kernels import cpu_info, dispatch
 from lora_core.kernels.int8_linear import backward_product, forward_product
 from lora_core.kernels.reference import quantize_rowwise
+
+from bench_util import median_seconds
 
 pytestmark = pytest.mark.benchmark
 
