@@ -248,9 +248,9 @@ def setup(cfg: TrainConfig) -> Run:
 
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    if start >= total_steps:
-        raise ValueError(f"--resume: the checkpoint is at step {start} and this run ends at step {total_steps}; "
-                         "raise --epochs or --max-steps to train further")
+    if start > total_steps or (start == total_steps and finished):
+        raise ValueError(f"--resume: the checkpoint in {ckpt_dir} is at step {start} and this run ends at step "
+                         f"{total_steps}; raise --epochs or --max-steps to train further")
     record = asdict(cfg)
     record["device"] = str(device)
     if cfg.base_dtype == "int8" and device.type == "cpu":
@@ -323,6 +323,7 @@ def finish(run: Run, row: dict):
         os.replace(tmp, run.out / "training_args.json")
     finally:
         tmp.unlink(missing_ok=True)
+    row = row or (run.log.rows[-1] if run.log.rows else {})  # killed between the last checkpoint and this save
     print(f"adapter written to {run.out} (step {run.total_steps}, train loss {row.get('loss', float('nan')):.4f}"
           + (f", eval loss {row['eval_loss']:.4f})" if "eval_loss" in row else ")"))
 

@@ -118,3 +118,55 @@ def test_two_processes_equal_one(tiny_base, tmp_path):
     assert sorted(a) == sorted(b)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+
+
+@pytest.mark.slow
+def test_twenty_kills_at_random_moments_then_resume_equal_an_uninterrupted_run(tiny_base, tmp_path):
+    """SIGKILL a --save-every 1 run at random moments (during steps, evaluation and checkpoint writes) at
+    least 20 times, resuming after each; every kill leaves a readable last checkpoint, and the final adapter
+    equals an uninterrupted run's."""
+    import random
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import lora_core
+    from lora_core.adapter import read_adapter
+    from lora_core.train_state import latest_checkpoint, read_state
+
+    steps = 40
+    args = common(tiny_base, tmp_path / "full") + ["--max-steps", str(steps), "--save-every", "1"]
+    full = run_train(args)
+    assert full.wait(timeout=900) == 0, full.stdout.read()
+    out, rng, kills = tmp_path / "killed", random.Random(1234), 0
+    model_args = lora_core.open_base(tiny_base)[0].args
+    while True:
+        resume = ["--resume"] if latest_checkpoint(out / "checkpoints") else []
+        proc = run_train(common(tiny_base, out) + ["--max-steps", str(steps), "--save-every", "1"] + resume)
+        start = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:  # wait for a step of progress, then a random moment
+            if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) > start:
+                break
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 0.6))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        else:
+            assert proc.returncode == 0, proc.stdout.read()[-3000:]
+        if (out / "training_args.json").exists():  # the run finished (perhaps killed just after its last write)
+            if kills >= 20:
+                break
+            shutil.rmtree(out)  # finished before 20 kills: start the whole run again
+            continue
+        last = latest_checkpoint(out / "checkpoints")
+        if last is not None:  # whatever the moment of the kill, the newest complete checkpoint reads back
+            read_state(last)
+            read_adapter(last, model_args)
+    want = load_file(str(tmp_path / "full" / "adapter_model.safetensors"))
+    got = load_file(str(out / "adapter_model.safetensors"))
+    diff = max((want[k] - got[k]).abs().max().item() for k in want)
+    print(f"\n{kills} kills; final adapter max |difference| from the uninterrupted run: {diff:.3g}")
+    assert want.keys() == got.keys() and diff == 0.0
