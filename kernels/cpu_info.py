@@ -13,13 +13,20 @@ SHOWN_FLAGS = {"avx2": "AVX2", "fma3": "FMA", "avx512_f": "AVX-512", "avx512_vnn
                "avx_vnni": "AVX-VNNI", "avx512_bf16": "AVX-512 BF16", "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16"}
 
 
+MASK_ENV = "LORA_CORE_CPU_FLAGS_OFF"  # e.g. "avx512_vnni,avx_vnni,amx_int8": choose paths as a CPU without them
+
+
 @functools.lru_cache(maxsize=1)
 def capabilities() -> dict:
-    """torch's cpuinfo probes: {'avx2': True, 'avx512_vnni': False, ...} (empty off x86)."""
+    """torch's cpuinfo probes: {'avx2': True, 'avx512_vnni': False, ...} (empty off x86), minus the flags
+    $LORA_CORE_CPU_FLAGS_OFF hides, so a VNNI machine can pick (and test) the paths of an AVX2-only one."""
     try:
-        return dict(torch._C._cpu._get_cpu_capability())
+        probes = dict(torch._C._cpu._get_cpu_capability())
     except (AttributeError, RuntimeError):
         return {}
+    for flag in filter(None, (f.strip() for f in os.environ.get(MASK_ENV, "").split(","))):
+        probes[flag] = False
+    return probes
 
 
 def has(flag: str) -> bool:
@@ -52,8 +59,9 @@ def flags_summary() -> str:
 
 def describe() -> str:
     """One line for logs and benchmark headers: model, flags, threads, torch."""
-    return (f"{cpu_model()} ({platform.machine()}; {flags_summary()}; AMX {'on' if has('amx_int8') else 'off'}); "
-            f"{torch.get_num_threads()} threads; torch {torch.__version__}")
+    hidden = f"; hidden by {MASK_ENV}: {os.environ[MASK_ENV]}" if os.environ.get(MASK_ENV) else ""
+    return (f"{cpu_model()} ({platform.machine()}; {flags_summary()}; AMX {'on' if has('amx_int8') else 'off'}"
+            f"{hidden}); {torch.get_num_threads()} threads; torch {torch.__version__}")
 
 
 def user_cache_dir() -> Path:

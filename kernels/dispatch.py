@@ -9,7 +9,7 @@ count in the user cache directory, rebuilt when unreadable or stale, and printed
 LORA_CORE_INT8_PATH (or train.py / generate.py --int8-path) forces paths: "dequant" forces every product
 a path can compute, "forward=gemv,backward=dequant" each direction; a path the CPU cannot run is refused.
 
-    python -m lora_core.kernels.dispatch [--recalibrate]     # the plan and the timings behind it
+    python -m lora_core.kernels [--recalibrate]     # the plan and the timings behind it
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import statistics
 import sys
 import threading
 import time
@@ -93,6 +92,7 @@ class Plan:
     backward: str
     source: str  # how the plan came about (measured now, read from cache, forced)
     timings: dict = field(default_factory=dict)  # {"forward": {M: {path: s}}, "backward": {path: s}}
+    busy: bool = False  # other work disturbed the measurement: not cached, measured again next time
 
     def forward_path(self, M: int) -> str:
         return self.forward[probe_of(M)]
@@ -147,8 +147,19 @@ def forcing(spec: str):
             _forced, _plan = saved
 
 
+def expected_plan() -> Plan:
+    """What the CPU's capabilities predict (what measurement found on the machines seen so far): int8 units
+    -> torch._int_mm beyond a few rows; AVX2 without them -> our C kernel for few rows, dequant above."""
+    small = "gemv" if why_unavailable("gemv") is None else "weight_only" if cpu_info.has("avx512_f") else "dequant"
+    if why_unavailable("int_mm") is None:
+        forward = {m: (small if m == 1 else "weight_only" if m <= 4 else "int_mm") for m in PROBE_M}
+        return Plan(forward, "int_mm", "expected from the CPU's int8 units")
+    forward = {m: (small if m <= GEMV_MAX_M else "dequant") for m in PROBE_M}
+    return Plan(forward, "dequant", "expected from the CPU's flags")
+
+
 def _cache_file() -> Path:
-    key = f"{cpu_info.cpu_model()}|{torch.__version__}|{torch.get_num_threads()}"
+    key = f"{cpu_info.cpu_model()}|{cpu_info.flags_summary()}|{torch.__version__}|{torch.get_num_threads()}"
     return cpu_info.user_cache_dir() / f"int8-dispatch-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
 
 
@@ -186,26 +197,37 @@ def _write_cache(path: Path, p: Plan):
               file=sys.stderr)
 
 
-def _median_seconds(fn, reps: int = 5, budget: float = 0.5) -> float:
-    fn()  # warm-up: oneDNN and MKL pick their kernels on the first call
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or (len(times) < reps and time.perf_counter() - start < budget):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+BUSY_SPREAD = 1.3  # median / best time of the fp32 yardstick above which the machine was busy measuring
 
 
-def _forward_fn(path: str, x, qw, sw):
+def _fastest_seconds(fns: dict, rounds: int = 5, budget: float = 1.0) -> tuple[dict[str, float], float]:
+    """Each function's best time over interleaved rounds (every candidate once per round), so a burst of other
+    work on the machine slows all candidates alike instead of deciding the winner; the minimum, because
+    interference only ever adds time. Also the spread (median / best) of the first function's times."""
+    for fn in fns.values():
+        fn()  # warm-up: oneDNN and MKL pick their kernels on the first call
+    times = {name: [] for name in fns}
+    start, done = time.perf_counter(), 0
+    while done < rounds or (done < 4 * rounds and time.perf_counter() - start < budget):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+        done += 1
+    first = sorted(next(iter(times.values())))
+    return {name: min(ts) for name, ts in times.items()}, first[len(first) // 2] / first[0]
+
+
+def _forward_fn(path: str, xs, weights):
     from .int8_linear import forward_product
 
-    return lambda: forward_product(x, qw, sw, path)
+    return lambda: [forward_product(x, qw, sw, path) for x, (_, qw, sw) in zip(xs, weights)]
 
 
-def _backward_fn(path: str, g, qw, sw):
+def _backward_fn(path: str, gs, weights):
     from .int8_linear import backward_product
 
-    return lambda: backward_product(g, qw, sw, path)
+    return lambda: [backward_product(g, qw, sw, path) for g, (_, qw, sw) in zip(gs, weights)]
 
 
 @torch.no_grad()
@@ -219,26 +241,23 @@ def calibrate() -> Plan:
         weights.append((w, *cpu.quantize_rowwise(w)))
     fwd_candidates = [p for p in FORWARD_PATHS if why_unavailable(p) is None]
     timings: dict = {"forward": {}, "backward": {}}
-    forward = {}
+    forward, busy = {}, 1.0
     for M in PROBE_M:
-        row = {}
         xs = [torch.randn(M, w.shape[1], generator=gen) for w, _, _ in weights]
-        row["fp32"] = sum(_median_seconds(lambda x=x, w=w: x @ w.t()) for x, (w, _, _) in zip(xs, weights))
-        for path in fwd_candidates:
-            if path == "gemv" and M > GEMV_MAX_M:
-                continue
-            row[path] = sum(_median_seconds(_forward_fn(path, x, qw, sw)) for x, (_, qw, sw) in zip(xs, weights))
-        timings["forward"][M] = row
+        fns = {"fp32": lambda xs=xs: [x @ w.t() for x, (w, _, _) in zip(xs, weights)]}
+        fns |= {p: _forward_fn(p, xs, weights) for p in fwd_candidates if not (p == "gemv" and M > GEMV_MAX_M)}
+        row, spread = _fastest_seconds(fns)
+        timings["forward"][M], busy = row, max(busy, spread)
         forward[M] = min((p for p in row if p != "fp32"), key=row.get)
-    bwd = {}
     gs = [torch.randn(BACKWARD_M, w.shape[0], generator=gen) for w, _, _ in weights]
-    bwd["fp32"] = sum(_median_seconds(lambda g=g, w=w: g @ w) for g, (w, _, _) in zip(gs, weights))
-    for path in BACKWARD_PATHS:
-        if why_unavailable(path) is None:
-            bwd[path] = sum(_median_seconds(_backward_fn(path, g, qw, sw)) for g, (_, qw, sw) in zip(gs, weights))
-    timings["backward"] = bwd
+    fns = {"fp32": lambda: [g @ w for g, (w, _, _) in zip(gs, weights)]}
+    fns |= {p: _backward_fn(p, gs, weights) for p in BACKWARD_PATHS if why_unavailable(p) is None}
+    bwd, spread = _fastest_seconds(fns)
+    timings["backward"], busy = bwd, max(busy, spread)
     backward = min((p for p in bwd if p != "fp32"), key=bwd.get)
-    return Plan(forward, backward, f"measured in {time.perf_counter() - t0:.1f} s", timings)
+    plan = Plan(forward, backward, f"measured in {time.perf_counter() - t0:.1f} s", timings)
+    plan.busy = busy > BUSY_SPREAD
+    return plan
 
 
 def plan(quiet: bool = False) -> Plan:
@@ -256,8 +275,15 @@ def plan(quiet: bool = False) -> Plan:
                 if why and not quiet:
                     print(f"lora-core: int8 plan cache {path}: {why}; measuring again", file=sys.stderr)
                 measured = calibrate()
-                _write_cache(path, measured)
-                measured.source += f", cached in {path}"
+                if measured.busy:  # noisy numbers would pick at random: keep what the flags predict this time
+                    expected = expected_plan()
+                    expected.timings = measured.timings
+                    expected.source += (f"; the machine was busy while measuring ({measured.source}), so this is "
+                                        f"not cached and is measured again next time (or force one with {ENV})")
+                    measured = expected
+                else:
+                    _write_cache(path, measured)
+                    measured.source += f", cached in {path}"
         forward = {m: forced["forward"] for m in PROBE_M} if "forward" in forced else measured.forward
         backward = forced.get("backward") or measured.backward
         source = (f"forced by {'--int8-path' if _forced is not None else ENV}" if forced else measured.source)
@@ -297,6 +323,3 @@ def main(argv=None) -> int:
             print(f"{direction:<8} M={M:<4} fp32 {fp32 * 1e3:.2f} ms  {cells}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

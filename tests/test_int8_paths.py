@@ -230,3 +230,18 @@ def test_int8_linear_outside_autograd_equals_inside():
         a = int8_linear(x, layer.qweight, layer.scale)
     b = int8_linear(x.clone().requires_grad_(), layer.qweight, layer.scale)
     assert torch.equal(a, b.detach())
+
+
+def test_a_busy_machine_keeps_the_expected_plan_and_caches_nothing(tmp_path, monkeypatch, capsys):
+    """Noisy timings would pick at random: when the fp32 yardstick itself wobbles, the flags decide."""
+    monkeypatch.setenv("LORA_CORE_CACHE", str(tmp_path))
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+    monkeypatch.setattr(dispatch, "_forced", None)
+    monkeypatch.setattr(dispatch, "_plan", None)
+    monkeypatch.setattr(dispatch, "PROBE_SHAPES", ((64, 96),))
+    real = dispatch._fastest_seconds
+    monkeypatch.setattr(dispatch, "_fastest_seconds", lambda fns: (real(fns)[0], 2.0))
+    got = dispatch.plan()
+    assert got.forward == dispatch.expected_plan().forward and got.backward == dispatch.expected_plan().backward
+    assert "busy" in capsys.readouterr().err and not list(tmp_path.glob("int8-dispatch-*"))
+    monkeypatch.setattr(dispatch, "_plan", None)
