@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import apply_adapter, read_adapter
+from .adapter import adapter_extras, apply_adapter, read_adapter
 from .device import pick_device
 from .loader import DEFAULT_BASE, base_fingerprint, load_model, parse_dtype, resolve_base
 from .model import Transformer
@@ -15,6 +15,12 @@ from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 from .weights import GGUFWeights, Weights, open_weights
 
 BASE_DTYPES = ("int8", "bf16", "fp32")
+
+
+def base_of(base: str | Path | None, adapter: str | Path | None) -> str | Path:
+    """The base to load: the one given, else the one the adapter recorded when it was trained, else the
+    embedded default."""
+    return base or (adapter_extras(adapter).get("base") if adapter else None) or DEFAULT_BASE
 
 
 def check_base_dtype(dtype: str):

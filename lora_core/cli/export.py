@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import lora_core
-from lora_core.adapter import adapter_extras
+from lora_core.api import base_of
 from lora_core.export import export
 
 
@@ -38,7 +37,7 @@ def main(argv=None) -> int:
     try:
         if not a.max_shard_size > 0:
             raise ValueError(f"--max-shard-size {a.max_shard_size}: must be a positive number of GiB")
-        base = a.base or (adapter_extras(a.adapter).get("base") if a.adapter else None) or lora_core.DEFAULT_BASE
+        base = base_of(a.base, a.adapter)
         out = export(base, a.adapter, a.format, a.out, a.dtype, a.force, a.verify, int(a.max_shard_size * 2**30),
                      device=a.device)
     except (ValueError, OSError) as e:

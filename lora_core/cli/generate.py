@@ -3,6 +3,7 @@
     python generate.py --adapter lora-out --prompt "Who are you?"
     python generate.py --adapter lora-out --input-file questions.json --output-file answers.jsonl
     python generate.py --adapter lora-out --interactive
+    python generate.py --adapter lora-out --serve          # chat page + OpenAI-compatible API on 127.0.0.1:7860
 """
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import lora_core
-from lora_core.adapter import adapter_extras
+from lora_core import server
 from lora_core.answers import AnswerFile
-from lora_core.api import check_base_dtype
+from lora_core.api import base_of, check_base_dtype, load
 from lora_core.chat import Conversation
 from lora_core.data import load_template, read_records
 from lora_core.generation import generate
@@ -53,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--int8-path", default=None, help="force the int8 kernels: dequant, gemv, weight_only, int_mm, "
                    "or forward=NAME (default: measured for this CPU)")
+    server.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -60,18 +61,21 @@ def check_args(a: argparse.Namespace) -> list[str]:
     """Refuse combinations that cannot apply together; return warnings for settings that do nothing
     (Sampling.check adds those about the decoding filters)."""
     modes = [m for m, on in (("--prompt", a.prompt is not None), ("--input-file", a.input_file),
-                             ("--interactive", a.interactive)) if on]
+                             ("--interactive", a.interactive), ("--serve", a.serve)) if on]
     if len(modes) != 1:
-        raise ValueError(f"choose one of --prompt, --input-file or --interactive (got {', '.join(modes) or 'none'})")
+        raise ValueError(f"choose one of --prompt, --input-file, --interactive or --serve (got "
+                         f"{', '.join(modes) or 'none'})")
     if a.input is not None and a.prompt is None:
         raise ValueError("--input is the alpaca input field of --prompt; give --prompt too")
     if (a.output_file or a.resume or a.force) and not a.input_file:
         raise ValueError("--output-file, --force and --resume go with --input-file")
     if a.input_file and not a.output_file:
         raise ValueError("--input-file needs --output-file for the responses")
-    if a.raw and (a.template or a.input is not None or a.interactive or a.input_file):
-        raise ValueError("--raw sends --prompt as is: it cannot go with --template, --input, --input-file or "
-                         "--interactive")
+    if a.raw and (a.template or a.input is not None or a.interactive or a.input_file or a.serve):
+        raise ValueError("--raw sends --prompt as is: it cannot go with --template, --input, --input-file, "
+                         "--interactive or --serve (the server's /v1/completions takes raw prompts)")
+    if a.serve:
+        server.check_arguments(a)
     if a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {a.max_new_tokens}: must be at least 1")
     if a.temperature == 0 and a.seed is not None:
@@ -173,16 +177,18 @@ def main(argv=None) -> int:
         sampling = sampling_of(a)
         check_base_dtype(a.base_dtype)
         template = None if a.raw else load_template(a.template or trained_template(a.adapter))
-        base = a.base or (adapter_extras(a.adapter).get("base") if a.adapter else None) or lora_core.DEFAULT_BASE
+        base = base_of(a.base, a.adapter)
         if a.int8_path:
             dispatch.force(a.int8_path)
         records = out = None
         if a.input_file:  # the questions and the output are checked before the model loads
             records = questions(a.input_file)
             out = AnswerFile(a.output_file, a.input_file, force=a.force, resume=a.resume)
-        model, tok = lora_core.load(base, dtype=a.base_dtype, adapter=a.adapter, device=a.device)
+        model, tok = load(base, dtype=a.base_dtype, adapter=a.adapter, device=a.device)
         stop = tuple(a.stop) if a.stop is not None else (
             () if template is None else template.chat_stop if a.interactive else template.stop)
+        if a.serve:
+            return server.serve(model, tok, template, a, stop)
         if a.input_file:
             return answer_file(model, tok, template, a, sampling, stop, records, out)
         if a.interactive:
