@@ -123,7 +123,7 @@ def test_gguf_runs_in_llama_cpp(smollm2_path, adapter, reference, tmp_path, dtyp
     from lora_core.generation import generate
     from lora_core.sampling import Sampling
 
-    path = export(smollm2_path, adapter, "gguf", tmp_path / f"m-{dtype}.gguf", dtype, verify=True)
+    path = export(smollm2_path, adapter, "gguf", tmp_path / f"m-{dtype}.gguf", dtype)  # --verify: its own test
     extra = {} if dtype == "f16" else {"use_extra_bufts": False}  # AMX buffers crash on quantized GGUFs here
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False, **extra)
     _, tok, ref = reference
@@ -134,14 +134,21 @@ def test_gguf_runs_in_llama_cpp(smollm2_path, adapter, reference, tmp_path, dtyp
         llm.eval(ids)
         got = torch.tensor(llm.scores[len(ids) - 1])
         assert (got - want).abs().max().item() < atol
-    # greedy tokens: llama.cpp on the file against our own run of the same file
+    # greedy tokens: llama.cpp on the file against our own run of the same file. f16: the same 16 tokens.
+    # q8_0: llama.cpp also rounds activations to 8 bits, so near-ties may go the other way; each of its
+    # tokens must then be one of our near-best on the same prefix (within the logit tolerance)
     ours, _ = lora_core.load(path, dtype="fp32")
     ids = tok.encode(PROMPTS[2])
     mine = generate(ours, tok, ids, Sampling(0, 0, 1.0, 1.0), max_new_tokens=16, ignore_eos=True).token_ids
     llm.reset()
     theirs = [t for t, _ in zip(llm.generate(ids, temp=0.0, repeat_penalty=1.0), range(16))]
-    agree = next((i for i, (x, y) in enumerate(zip(mine, theirs)) if x != y), 16)
-    assert agree >= (16 if dtype == "f16" else 4), (tok.decode(mine), tok.decode(theirs))
+    if dtype == "f16":
+        assert mine == theirs, (tok.decode(mine), tok.decode(theirs))
+    with torch.no_grad():
+        logits = ours(torch.tensor([ids + theirs]))[0, len(ids) - 1:-1]  # our logits before each of their tokens
+    gaps = logits.max(-1).values - logits[torch.arange(len(theirs)), torch.tensor(theirs)]
+    assert gaps.max().item() < atol, (gaps.tolist(), tok.decode(mine), tok.decode(theirs))
+    assert mine[:2] == theirs[:2]  # and the answer starts the same
 
 
 def test_existing_output_kept_without_force(smollm2_path, adapter, tmp_path):

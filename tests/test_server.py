@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import http.client
 import json
-import os
 import re
 import shutil
 import signal
@@ -113,18 +112,25 @@ def reference(smollm2, prompt: str, max_tokens: int, stop=ALPACA.stop):
 
 @pytest.fixture(scope="module")
 def generate_py(smollm2_path) -> dict[str, str]:
-    """stdout of `python generate.py --prompt` and `--interactive` on the same base, greedy, run side by side."""
+    """stdout of `generate.py --prompt` and `--interactive` on the same base, greedy (main(argv) in-process)."""
+    import contextlib
+    import io
+
+    from lora_core.cli import generate as generate_cli
+
     runs = {"prompt": (["--prompt", QUESTION], ""), "interactive": (["--interactive"], f"{QUESTION}\n{ZH}\n/quit\n")}
-    procs = {name: subprocess.Popen(
-        [sys.executable, str(ROOT / "generate.py"), "--base", MODEL, "--base-dtype", "fp32", *GREEDY_CLI,
-         "--max-new-tokens", "16", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, encoding="utf-8", cwd=ROOT, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
-        for name, (argv, _) in runs.items()}
     out = {}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(runs[name][1], timeout=180)
-        assert proc.returncode == 0, stderr
-        out[name] = stdout
+    for name, (argv, stdin) in runs.items():
+        stdout, stderr, real_stdin = io.StringIO(), io.StringIO(), sys.stdin
+        sys.stdin = io.StringIO(stdin)
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                code = generate_cli.main(["--base", MODEL, "--base-dtype", "fp32", *GREEDY_CLI,
+                                          "--max-new-tokens", "16", *argv])
+        finally:
+            sys.stdin = real_stdin
+        assert code == 0, stderr.getvalue()
+        out[name] = stdout.getvalue()
     return out
 
 
