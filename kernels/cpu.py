@@ -31,7 +31,7 @@ BLOCK_ELEMENTS = 1 << 22  # weights widened to fp32 at once (16 MiB): wide enoug
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) float -> (q int8, scale fp32 (M,)); same rounding as kernels.reference."""
     xf = x.float()
-    absmax = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)  # (M, 1)
+    absmax = torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg()).clamp_(min=EPS)
     q = (xf * (QMAX / absmax)).add_(0.5).floor_().clamp_(-QMAX, QMAX).to(torch.int8)
     return q, (absmax / QMAX).squeeze(-1)
 

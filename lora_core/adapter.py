@@ -253,7 +253,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", ext
     if bad is not None:
         raise FloatingPointError(f"{bad} holds NaN or inf values; not written to {out_dir} (lower --lr)")
     first = next(iter(layers.values()))
-    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    dropout = getattr(first.dropout, "p", 0.0)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_name),
         "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout, "bias": "none",

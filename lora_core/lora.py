@@ -16,6 +16,26 @@ META_ALIASES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", 
                 "w2": "down_proj"}
 
 
+class LoRADropout(nn.Dropout):
+    """Dropout on the LoRA input, drawing 16 random bits per element four to a 64-bit word (one RNG call per
+    four elements; bernoulli_ makes one per element and took a quarter of a CPU training step). p is
+    rounded to a multiple of 1/65536 (0.05 -> 0.050003). Kept elements are scaled by 1 / (1 - p)."""
+
+    def __init__(self, p: float):
+        if not 0 <= p < 1:
+            raise ValueError(f"LoRA dropout {p} must be in [0, 1)")
+        super().__init__(p)
+        self.threshold = -32768 + round(p * 65536)  # int16 draws at or above it keep their element
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
+        keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        return x.mul(keep).mul_(1 / (1 - self.p))
+
+
 def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
     """W + scale * B @ A in fp32, W (out, in), A (r, in), B (out, r), scale = alpha / r: the one formula the
     LoRA layer's merge and the exporter's streamed merge share."""
@@ -35,7 +55,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32, device=device))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's default, as PEFT does
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         for p in base.parameters():
             p.requires_grad_(False)

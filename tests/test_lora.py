@@ -109,3 +109,22 @@ def test_modules_to_save_are_trainable_copies():
     assert model.lm_head.weight.requires_grad and not model.embed_tokens.weight.requires_grad
     with pytest.raises(ValueError, match="no module 'lm_heads'"):
         enable_modules_to_save(model, ["lm_heads"])
+
+
+def test_lora_dropout_keeps_the_rate_scales_the_rest_and_is_seeded():
+    from lora_core.lora import LoRADropout
+
+    drop = LoRADropout(0.05).train()
+    x = torch.ones(1000, 1001)  # an odd count: the last 64-bit word is shared with nothing
+    torch.manual_seed(3)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.95) < 0.002  # 1,001,000 draws: 0.002 is about 9 standard errors
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.95))
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)  # the same RNG state gives the same mask (exact resume)
+    assert torch.equal(drop.eval()(x), x)
+    x.requires_grad_()
+    torch.manual_seed(3)
+    drop.train()(x).sum().backward()
+    assert torch.equal(x.grad, y)  # d/dx of x * mask * scale is mask * scale (the same mask again)
