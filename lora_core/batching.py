@@ -40,6 +40,17 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, labels
 
 
-def micro_batches(examples: list[Example], size: int) -> list[list[Example]]:
-    ordered = sorted(examples, key=lambda e: len(e.input_ids))  # similar lengths together: less padding
-    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
+def micro_batches(examples: list[Example], size: int, max_tokens: int | None = None) -> list[list[Example]]:
+    """A step's examples sorted by length (similar lengths together: less padding) and cut into micro-batches
+    of at most `size` examples and, with max_tokens, at most that many padded tokens (examples x longest);
+    an example longer than the budget goes alone. Which examples make the step does not change, only how
+    they are grouped, so the step's gradient is the same."""
+    ordered = sorted(examples, key=lambda e: len(e.input_ids))
+    out: list[list[Example]] = []
+    for e in ordered:
+        # sorted ascending: the newcomer is the longest, so the padded size is its length times the count
+        if out and len(out[-1]) < size and (max_tokens is None or (len(out[-1]) + 1) * len(e.input_ids) <= max_tokens):
+            out[-1].append(e)
+        else:
+            out.append([e])
+    return out

@@ -27,13 +27,49 @@ class LoRADropout(nn.Dropout):
         super().__init__(p)
         self.threshold = -32768 + round(p * 65536)  # int16 draws at or above it keep their element
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The elements of x to keep (bool, x's shape), or None when nothing is dropped (eval, p = 0)."""
         if not self.training or self.p == 0:
-            return x
+            return None
         n = x.numel()
         words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, None)
-        keep = words.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x.mul(keep).mul_(1 / (1 - self.p))
+        return words.view(torch.int16)[:n].view(x.shape) >= self.threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = self.mask(x)
+        return x if keep is None else x.mul(keep).mul_(1 / (1 - self.p))
+
+
+class LoRABranch(torch.autograd.Function):
+    """scale * dropout(x) @ A^T @ B^T in fp32, keeping for backward the dropout mask (1 byte per element) and
+    x itself instead of a float copy of dropout(x): q, k and v (gate and up) read the same x, which autograd
+    keeps once, where each LoRA layer used to keep its own dropped copy (7 per block with all targets)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, keep, keep_scale: float, scale: float):
+        xd = x.float() if keep is None else x.float().mul(keep).mul_(keep_scale)  # (..., in)
+        h = xd @ A.t()  # (..., r)
+        ctx.save_for_backward(x, A, B, keep, h)
+        ctx.keep_scale, ctx.scale = keep_scale, scale
+        return (h @ B.t()).mul_(scale)  # (..., out)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, A, B, keep, h = ctx.saved_tensors
+        gy2 = gy.float().reshape(-1, gy.shape[-1])  # (M, out)
+        gh = (gy2 @ B).mul_(ctx.scale)  # (M, r)
+        gA = gB = gx = None
+        if ctx.needs_input_grad[2]:
+            gB = (gy2.t() @ h.reshape(-1, h.shape[-1])).mul_(ctx.scale)  # (out, r)
+        if ctx.needs_input_grad[1]:
+            xd = x.float() if keep is None else x.float().mul(keep).mul_(ctx.keep_scale)  # dropout(x) again
+            gA = gh.t() @ xd.reshape(-1, x.shape[-1])  # (r, in)
+        if ctx.needs_input_grad[0]:
+            gx = (gh @ A).reshape(x.shape)
+            if keep is not None:
+                gx.mul_(keep).mul_(ctx.keep_scale)
+            gx = gx.to(x.dtype)
+        return gx, gA, gB, None, None, None
 
 
 def merged_weight(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -64,8 +100,9 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        h = self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()  # (..., r)
-        return y + (h @ self.lora_B.t() * self.scale).to(y.dtype)
+        keep = self.dropout.mask(x) if isinstance(self.dropout, LoRADropout) else None
+        keep_scale = 1 / (1 - self.dropout.p) if keep is not None else 1.0
+        return y + LoRABranch.apply(x, self.lora_A, self.lora_B, keep, keep_scale, self.scale).to(y.dtype)
 
     @torch.no_grad()
     def merge(self):

@@ -26,6 +26,8 @@ class TrainConfig:
     template: str = _opt("alpaca", "alpaca, alpaca_short, vicuna_chat or a template JSON file")
     batch_size: int = _opt(128, "examples per optimizer step")
     micro_batch_size: int = _opt(4, "examples per forward pass")
+    micro_batch_tokens: int | None = _opt(None, "instead of a count, fill each forward pass up to this many padded "
+                                                "tokens (many short examples or few long ones: steadier memory)")
     epochs: float = _opt(3.0, "passes over the training data")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps (default: epochs decide)")
     lr: float = _opt(3e-4, "peak learning rate")
@@ -61,6 +63,11 @@ class TrainConfig:
         # "--modules-to-save embed_tokens,lm_head" and "embed_tokens lm_head" mean the same
         self.modules_to_save = [m for item in self.modules_to_save for m in item.split(",") if m]
 
+    @property
+    def micro_size(self) -> int:
+        """Examples per micro-batch at most: the count, or with a token budget, the whole step."""
+        return self.batch_size if self.micro_batch_tokens else self.micro_batch_size
+
     def check(self):
         """Refuse settings that cannot be meant, in one line each."""
         positive_int = ("batch_size", "micro_batch_size", "eval_every", "save_every", "keep_checkpoints", "lora_r")
@@ -77,11 +84,14 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be 0 or more")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout {self.lora_dropout}: must be in [0, 1)")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < 1:
+            raise ValueError(f"--micro-batch-tokens {self.micro_batch_tokens}: must be at least 1 (leave it out "
+                             "to group by --micro-batch-size alone)")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps {self.warmup_steps}: must be 0 or more")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"--max-steps {self.max_steps}: must be at least 1 (leave it out to let --epochs decide)")
-        if self.batch_size % self.micro_batch_size:
+        if self.micro_batch_tokens is None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size "
                              f"{self.micro_batch_size}")
         if self.schedule not in SCHEDULES:

@@ -52,30 +52,30 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def accumulate_gradients(model, examples: list[Example], n_targets: int, micro_size: int,
-                         pad_id: int) -> tuple[torch.Tensor, int]:
+def accumulate_gradients(model, examples: list[Example], n_targets: int, micro_size: int, pad_id: int,
+                         micro_tokens: int | None = None) -> tuple[torch.Tensor, int]:
     """Backward over micro-batches with each loss divided by the whole step's target count, so k
     micro-batches give exactly the gradient of one batch of k. Returns (loss sum / n_targets as a 0-d
-    tensor on the model's device, tokens); the caller reads the loss once per step."""
+    tensor on the model's device, real (non-pad) tokens); the caller reads the loss once per step."""
     device = model_device(model)
     total, tokens = torch.zeros((), device=device), 0
-    for mb in micro_batches(examples, micro_size):
+    for mb in micro_batches(examples, micro_size, micro_tokens):
         ids, labels = (t.to(device, non_blocking=True) for t in collate(mb, pad_id))
         with autocast(device):
             loss = summed_loss(model, ids, labels) / n_targets
         loss.backward()
         total += loss.detach()
-        tokens += int(ids.numel())
+        tokens += sum(len(e.input_ids) for e in mb)
     return total, tokens
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], micro_size: int, pad_id: int) -> float:
+def evaluate(model, examples: list[Example], micro_size: int, pad_id: int, micro_tokens: int | None = None) -> float:
     was_training = model.training
     model.eval()
     device = model_device(model)
     total = torch.zeros((), device=device)
-    for mb in micro_batches(examples, micro_size):
+    for mb in micro_batches(examples, micro_size, micro_tokens):
         with autocast(device):
             total += summed_loss(model, *(t.to(device) for t in collate(mb, pad_id)))
     model.train(was_training)
@@ -284,8 +284,8 @@ def fit(run: Run) -> dict:
             lr = lr_at(step, cfg, run.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss, tokens = accumulate_gradients(model, batch[run.rank::run.world], n_targets, cfg.micro_batch_size,
-                                                run.tok.pad_id)
+            loss, tokens = accumulate_gradients(model, batch[run.rank::run.world], n_targets, cfg.micro_size,
+                                                run.tok.pad_id, cfg.micro_batch_tokens)
             if run.world > 1:
                 loss, tokens = _all_reduce_grads(run.params, loss, tokens)
             grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm or math.inf)  # 0: no clip
@@ -297,10 +297,12 @@ def fit(run: Run) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            row = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+            seconds = time.perf_counter() - t0
+            row = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                   "seconds": seconds, "tokens_per_s": tokens / seconds}  # real (non-pad) tokens
             if run.val_set and (done % cfg.eval_every == 0 or done == run.total_steps):
-                row["eval_loss"] = evaluate(model, run.val_set, cfg.micro_batch_size, run.tok.pad_id)
+                row["eval_loss"] = evaluate(model, run.val_set, cfg.micro_size, run.tok.pad_id,
+                                            cfg.micro_batch_tokens)
             if run.main:
                 run.log.add(**row)
                 if "eval_loss" in row or done == run.total_steps:

@@ -128,3 +128,31 @@ def test_lora_dropout_keeps_the_rate_scales_the_rest_and_is_seeded():
     torch.manual_seed(3)
     drop.train()(x).sum().backward()
     assert torch.equal(x.grad, y)  # d/dx of x * mask * scale is mask * scale (the same mask again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_branch_with_dropout_equals_autograd_of_the_formula(dtype):
+    """The LoRA branch keeps only the dropout mask for backward; its gradients must be those of
+    y = x W^T + s * (x * keep / (1 - p)) A^T B^T with the same mask."""
+    base = nn.Linear(37, 23, bias=False).to(dtype)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.3).train()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 37, dtype=dtype, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    torch.manual_seed(7)
+    keep = layer.dropout.mask(x)
+    assert keep is not None and 0 < keep.float().mean() < 1
+    A = layer.lora_A.detach().clone().requires_grad_()
+    B = layer.lora_B.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    lora = (xr.float() * keep / 0.7) @ A.t() @ B.t() * 2.0
+    ref = base(xr) + lora.to(dtype)
+    ref.backward(gy)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, ref, **tol)
+    torch.testing.assert_close(layer.lora_A.grad, A.grad, **tol)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad, **tol)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)

@@ -23,7 +23,7 @@ PARAMS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_
 def test_accumulated_micro_batches_equal_one_batch(tiny_base):
     import lora_core
 
-    def grads(micro):
+    def grads(micro, micro_tokens=None):
         torch.manual_seed(0)
         model, tok = lora_core.load(tiny_base)
         apply_lora(model, "all", r=4, alpha=8)
@@ -33,15 +33,30 @@ def test_accumulated_micro_batches_equal_one_batch(tiny_base):
                 torch.nn.init.normal_(m.lora_B, std=0.1)
         examples, _ = load_examples(need_shared(DATA / "luotuo_developer_instruction.json"), tok, ALPACA, 128)
         batch = examples[:8]
-        loss, _ = accumulate_gradients(model, batch, sum(e.n_targets for e in batch), micro, tok.pad_id)
+        loss, _ = accumulate_gradients(model, batch, sum(e.n_targets for e in batch), micro, tok.pad_id, micro_tokens)
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss1, g1 = grads(8)
-    for micro in (1, 3):  # 3 does not divide 8: a short last micro-batch
-        loss_k, gk = grads(micro)
+    # 3 does not divide 8 (a short last micro-batch); token budgets of 150 and 400 padded tokens group by length
+    for micro, budget in ((1, None), (3, None), (8, 150), (8, 400)):
+        loss_k, gk = grads(micro, budget)
         assert loss_k == pytest.approx(loss1, rel=1e-5)
         for name in g1:
             torch.testing.assert_close(gk[name], g1[name], rtol=1e-4, atol=1e-7)
+
+
+def test_token_budget_micro_batches():
+    from lora_core.batching import micro_batches
+    from lora_core.data import Example
+
+    examples = [Example([1] * n, [1] * n) for n in (5, 40, 7, 12, 90, 33, 12, 8)]
+    groups = micro_batches(examples, size=8, max_tokens=64)
+    assert sorted(len(e.input_ids) for g in groups for e in g) == sorted(len(e.input_ids) for e in examples)
+    for g in groups:
+        padded = len(g) * max(len(e.input_ids) for e in g)
+        assert padded <= 64 or len(g) == 1  # only an example longer than the budget goes over it, alone
+    assert [len(e.input_ids) for e in groups[-1]] == [90]
+    assert [len(g) for g in micro_batches(examples, size=3)] == [3, 3, 2]
 
 
 def test_lr_schedule():
