@@ -4,6 +4,7 @@ answers, and a rerun with resume continues after them. The output never replaces
 existing file unless told to."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -57,8 +58,14 @@ class AnswerFile:
     def add(self, row: dict):
         if self._file is None:
             self._file = open(self.partial, "a", encoding="utf-8")  # noqa: SIM115 (closed in finish/close)
-        self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._file.flush()  # an interruption loses at most the answer being written
+        try:
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._file.flush()  # an interruption loses at most the answer being written
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise OSError(f"{self.partial}: the disk filled up while writing an answer; the answers before it are "
+                          "kept there: free some space and rerun with --resume") from e
 
     def close(self):
         if self._file is not None:

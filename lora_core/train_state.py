@@ -41,12 +41,30 @@ def save_checkpoint(dirpath: Path, model, optimizer, step: int, modules_to_save,
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"{dirpath}: the disk filled up while writing the step-{step} checkpoint; "
-                          "nothing partial was kept. Free some space and run again with --resume") from e
+            raise DiskFull(f"{dirpath}: the disk filled up while writing the step-{step} checkpoint; nothing partial "
+                           "was kept. Free some space and run again with --resume") from e
         raise
     for old in sorted(dirpath.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def resume_hint(dirpath: Path) -> str:
+    """What an interrupted run leaves to continue from, for the line the CLI prints."""
+    last = latest_checkpoint(dirpath) if dirpath.is_dir() else None
+    if last is None:
+        return f"no checkpoint was written yet in {dirpath} (see --save-every): the same command starts over"
+    return f"the last checkpoint ({last.name}) in {dirpath} is intact: add --resume to continue"
+
+
+class DiskFull(OSError):
+    """ENOSPC with a message that says what was being written and what to do (printed without "[Errno 28]")."""
+
+    def __init__(self, message: str):
+        super().__init__(errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 def latest_checkpoint(dirpath: Path) -> Path | None:

@@ -7,6 +7,7 @@ load); fit() is the loop; train() is both plus the final save.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -31,7 +32,7 @@ from .lora import apply_lora, enable_modules_to_save, mark_only_lora_trainable
 from .loss import summed_loss
 from .metrics import MetricsLog
 from .train_config import TrainConfig
-from .train_state import latest_checkpoint, read_state, remove_partial, restore_checkpoint, save_checkpoint
+from .train_state import DiskFull, latest_checkpoint, read_state, remove_partial, restore_checkpoint, save_checkpoint
 
 RUN_FILES = ("training_args.json", "metrics.jsonl", "loss.png", CONFIG_NAME, WEIGHTS_NAME)
 # settings that make a different run if changed on --resume (the rest may change: lr, epochs, eval...)
@@ -318,7 +319,15 @@ def fit(run: Run) -> dict:
 def finish(run: Run, row: dict):
     """The adapter, then training_args.json: the run's record appears only beside its own finished adapter."""
     cfg = run.cfg
-    save_adapter(run.model, run.out, base_name=cfg.base, extras=run.extras, modules_to_save=tuple(cfg.modules_to_save))
+    try:
+        save_adapter(run.model, run.out, base_name=cfg.base, extras=run.extras,
+                     modules_to_save=tuple(cfg.modules_to_save))
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFull(f"{run.out}: the disk filled up while writing the adapter; nothing partial was kept and "
+                           f"the last checkpoint in {run.out / 'checkpoints'} is intact. Free some space and run again "
+                           "with --resume") from e
+        raise
     tmp = run.out / ".training_args.json.tmp"
     try:
         tmp.write_text(json.dumps(run.record, indent=2, ensure_ascii=False))

@@ -152,8 +152,20 @@ def test_ctrl_c_keeps_the_checkpoints_and_says_how_to_resume(tiny_base, tmp_path
     monkeypatch.setattr(trainer, "accumulate_gradients", interrupted)
     code, _, err = run_cli(train_cli.main, train_args(tiny_base, tmp_path / "o"), capsys)
     assert code == 130 and "interrupted" in last_line(err) and "add --resume" in last_line(err)
+    assert "(step-0000001)" in last_line(err)
     assert (tmp_path / "o" / "checkpoints" / "step-0000001").is_dir()
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_ctrl_c_before_any_checkpoint_says_so(tiny_base, tmp_path, capsys, monkeypatch):
+    import lora_core.trainer as trainer
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", interrupted)
+    code, _, err = run_cli(train_cli.main, train_args(tiny_base, tmp_path / "o"), capsys)
+    assert code == 130 and "no checkpoint was written yet" in last_line(err) and "--resume" not in last_line(err)
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "final adapter"])
@@ -179,7 +191,8 @@ def test_full_disk_leaves_no_partial_files(tiny_base, tmp_path, capsys, monkeypa
         monkeypatch.setattr(adapter_module, "save_file", full_at_the_end)
     out = tmp_path / "o"
     code, _, err = run_cli(train_cli.main, train_args(tiny_base, out), capsys)
-    assert code == 1 and ("disk filled up" in last_line(err) or "No space left" in last_line(err))
+    assert code == 1 and "the disk filled up while writing the " in last_line(err) and "[Errno" not in last_line(err)
+    assert "--resume" in last_line(err)
     leftovers = [p.name for p in out.rglob("*") if ".tmp" in p.name]
     assert not leftovers, leftovers
     assert not (out / "adapter_model.safetensors").exists() and not (out / "training_args.json").exists()
@@ -314,6 +327,28 @@ def test_generate_output_file_cases(tiny_base, tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(generate_cli.main, base + ["--output-file", out2, "--resume"], capsys)
     assert code == 0 and "2 of 4 records already answered" in err
     assert out2.read_text() == first and not partial.exists()
+
+
+def test_answers_on_a_full_disk_keep_what_was_written(tmp_path):
+    from lora_core.answers import AnswerFile
+
+    source = tmp_path / "q.json"
+    source.write_text("[]")
+    out = AnswerFile(tmp_path / "a.jsonl", source)
+    out.add({"instruction": "one", "response": "1"})
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    kept, out._file = out._file, Full()
+    kept.close()
+    with pytest.raises(OSError, match=r"a.jsonl.partial: the disk filled up .* rerun with --resume"):
+        out.add({"instruction": "two", "response": "2"})
+    assert AnswerFile(tmp_path / "a.jsonl", source, resume=True).done == [{"instruction": "one", "response": "1"}]
 
 
 def test_export_never_overwrites_what_it_reads(tiny_base, saved_adapter, tmp_path, capsys):

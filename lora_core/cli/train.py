@@ -12,8 +12,10 @@ import sys
 import types
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from lora_core.train_config import TrainConfig
+from lora_core.train_state import resume_hint
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ntrain.py: interrupted; the last checkpoint in {cfg.output}/checkpoints is intact: add --resume to "
-              "continue", file=sys.stderr)
+        ckpt_dir = Path(cfg.resume) if cfg.resume else Path(cfg.output) / "checkpoints"
+        print(f"\ntrain.py: interrupted; {resume_hint(ckpt_dir)}", file=sys.stderr)
         return 130
     return 0
