@@ -207,7 +207,8 @@ def segments_of(record, template: Template) -> list[tuple[str, bool]]:
 
 
 def encode_segments(segments, tokenizer, cutoff_len: int, train_on_inputs: bool) -> tuple[Example | None, bool]:
-    """Token ids of the whole text with labels; EOS appended and learned, room kept for it when truncating.
+    """Token ids of the whole text with labels; EOS appended and learned unless the cutoff cuts the text
+    (alpaca-lora's rule: a cut answer has not ended).
 
     The text is tokenized whole (so ids equal what inference sees); segment boundaries are found by
     tokenizing each prefix of the text, as alpaca-lora did for its prompt. Returns (example or None if
@@ -224,9 +225,12 @@ def encode_segments(segments, tokenizer, cutoff_len: int, train_on_inputs: bool)
             labels[start_tok:stop_tok] = [IGNORE] * (stop_tok - start_tok)
         start_tok = stop_tok
     truncated = len(ids) + 1 > cutoff_len
-    ids, labels = ids[:cutoff_len - 1] + [tokenizer.eos_id], labels[:cutoff_len - 1] + [tokenizer.eos_id]
+    if truncated:  # the text goes on: no EOS to learn here (it would teach stopping mid-answer at the cutoff)
+        ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+    else:
+        ids, labels = ids + [tokenizer.eos_id], labels + [tokenizer.eos_id]
     if all(label == IGNORE for label in labels[:-1]) and not train_on_inputs:
-        return None, truncated  # the prompt fills the cutoff: only a lone EOS would be learned
+        return None, truncated  # the prompt fills the cutoff: at most one token would be learned
     return Example(ids, labels), truncated
 
 

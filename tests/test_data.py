@@ -42,10 +42,15 @@ def test_labels_mask_prompt_and_learn_eos(tok):
     assert everything.labels == everything.input_ids
 
 
-def test_truncation_keeps_room_for_eos(tok):
+def test_a_cut_answer_learns_no_eos(tok):
+    """alpaca-lora's rule: the cutoff cuts the text, and the model must not learn to stop where it was cut."""
     segs = segments_of({"instruction": "Count.", "output": " ".join(["one"] * 200)}, ALPACA)
     ex, truncated = encode_segments(segs, tok, 64, train_on_inputs=False)
-    assert truncated and len(ex.input_ids) == 64 and ex.input_ids[-1] == ex.labels[-1] == tok.eos_id
+    whole = tok.encode("".join(text for text, _ in segs))
+    assert truncated and ex.input_ids == whole[:64] and tok.eos_id not in ex.labels
+    fits = segments_of({"instruction": "Count.", "output": " ".join(["one"] * 40)}, ALPACA)
+    ex, truncated = encode_segments(fits, tok, len(tok.encode("".join(t for t, _ in fits))) + 1, False)
+    assert not truncated and ex.labels[-1] == tok.eos_id  # exactly room for the EOS: nothing was cut
     too_long = segments_of({"instruction": "word " * 100, "output": "x"}, ALPACA)
     assert encode_segments(too_long, tok, 64, train_on_inputs=False)[0] is None
 

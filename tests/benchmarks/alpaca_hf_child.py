@@ -1,6 +1,8 @@
 """Child process: alpaca-lora's finetune.py, the way its users ran it, on a CPU: HF transformers Trainer + PEFT
 LoRA over the float SmolLM2 (bitsandbytes' int8 needs a GPU), alpaca-lora's tokenization (prompt masked, EOS
 appended when it fits), DataCollatorForSeq2Seq padding to a multiple of 8, gradient accumulation to 128.
+Each optimizer step sees the examples our train.py sees at that step (alpaca-lora's random sampler would give
+each step another subset, and per-step losses would then differ by the subsets' difficulty, not by the work).
 Prints one JSON line: seconds per step, real (non-pad) tokens, losses, peak RSS."""
 import json
 import random
@@ -18,6 +20,7 @@ torch.manual_seed(SEED)
 import peft  # noqa: E402
 import transformers  # noqa: E402
 
+from lora_core.batching import step_indices  # noqa: E402
 from lora_core.data import ALPACA  # noqa: E402  (alpaca-lora's own template, word for word)
 from lora_core.export import export  # noqa: E402
 from lora_core.loader import resolve_base  # noqa: E402
@@ -52,7 +55,12 @@ def generate_and_tokenize_prompt(row):  # ... and generate_and_tokenize_prompt()
 
 rows = json.loads(open(data_file, encoding="utf-8").read())
 random.Random(SEED).shuffle(rows)
-train = [generate_and_tokenize_prompt(r) for r in rows[:BATCH * steps]]
+encoded = [generate_and_tokenize_prompt(r) for r in rows[:BATCH * steps]]
+# the same work as ours, step for step: records whose prompt fills the cutoff teach nothing (ours drops them), and
+# each optimizer step takes the examples our run takes at that step (Trainer's sampler kept sequential)
+encoded = [e for e in encoded if any(label != -100 for label in e["labels"][:-1])]
+train = [encoded[i] for step in range(steps) for i in step_indices([len(e["input_ids"]) for e in encoded], step, SEED,
+                                                                   BATCH, False)]
 
 
 class Clock(transformers.TrainerCallback):
@@ -66,18 +74,39 @@ class Clock(transformers.TrainerCallback):
         self.times.append(time.perf_counter() - self.t0)
 
 
+class TokenWeighted(transformers.Trainer):
+    """Also keeps each micro-batch's summed loss and target count (no extra compute), so the step's loss can be
+    reported as ours is, summed over the step's target tokens / their count, whatever the Trainer logs."""
+
+    sums, counts = [], []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        n = int((labels[:, 1:] != -100).sum())
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None  # outputs.loss = sum / items
+        self.sums.append(float(outputs.loss) * (int(num_items_in_batch) if scaled else n))
+        self.counts.append(n)
+        return (loss, outputs) if return_outputs else loss
+
+
 clock = Clock()
 args = transformers.TrainingArguments(
     output_dir="/tmp/alpaca-hf-bench", per_device_train_batch_size=MICRO, gradient_accumulation_steps=BATCH // MICRO,
     max_steps=steps, learning_rate=LR, warmup_steps=0, lr_scheduler_type="constant", logging_steps=1,
-    optim="adamw_torch", save_strategy="no", report_to=[], use_cpu=True, seed=SEED, dataloader_num_workers=0,
+    optim="adamw_torch", save_strategy="no", train_sampling_strategy="sequential", report_to=[], use_cpu=True,
+    seed=SEED, dataloader_num_workers=0,
     disable_tqdm=True)
-trainer = transformers.Trainer(model=model, train_dataset=train, args=args, callbacks=[clock],
+trainer = TokenWeighted(model=model, train_dataset=train, args=args, callbacks=[clock],
                                data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8,
                                                                                  return_tensors="pt", padding=True))
 trainer.train()
-losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+per_step = BATCH // MICRO
+step_of = [slice(i * per_step, (i + 1) * per_step) for i in range(steps)]
+losses = [sum(TokenWeighted.sums[s]) / sum(TokenWeighted.counts[s]) for s in step_of]
 with open("/proc/self/status") as f:
     peak = int(next(x for x in f if x.startswith("VmHWM:")).split()[1]) / 2**20
-print(json.dumps({"seconds": clock.times, "tokens": [sum(len(e["input_ids"]) for e in train[i * BATCH:(i + 1) * BATCH])
-                                                     for i in range(steps)], "losses": losses, "peak_gib": peak}))
+tokens = [sum(len(e["input_ids"]) for e in train[i * BATCH:(i + 1) * BATCH]) for i in range(steps)]
+print(json.dumps({"seconds": clock.times, "tokens": tokens, "losses": losses, "logged_losses": logged,
+                  "peak_gib": peak}))
