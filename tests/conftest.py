@@ -56,12 +56,7 @@ TINY = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_ep
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
-    """A tiny random LLaMA in HF layout with LLaMA-2's real tokenizer beside it (copied to a temp dir)."""
-    import shutil
+    """A tiny random LLaMA in HF layout with LLaMA-2's real tokenizer beside it (in a temp dir)."""
+    from helpers import tiny_llama
 
-    from helpers import TOKENIZERS, need_shared, random_meta_state, write_hf
-
-    d = tmp_path_factory.mktemp("tiny") / "base"
-    write_hf(d, random_meta_state(TINY, 32000, tie=True), TINY, 32000, tie=True)
-    shutil.copy(need_shared(TOKENIZERS / "llama2_tokenizer.model"), d / "tokenizer.model")
-    return d
+    return tiny_llama(tmp_path_factory.mktemp("tiny") / "base", TINY)

@@ -188,3 +188,12 @@ def write_hf(dirpath: Path, sd: dict, params: dict, vocab: int, tie: bool, shard
         save_file(part, str(dirpath / name), metadata={"format": "pt"})
         weight_map |= {k: name for k in part}
     (dirpath / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def tiny_llama(dirpath: Path, params: dict) -> Path:
+    """A random LLaMA of `params` in HF layout (vocab 32000, tied) with LLaMA-2's real tokenizer beside it."""
+    import shutil
+
+    write_hf(dirpath, random_meta_state(params, 32000, tie=True), params, 32000, tie=True)
+    shutil.copy(need_shared(TOKENIZERS / "llama2_tokenizer.model"), dirpath / "tokenizer.model")
+    return dirpath

@@ -2,12 +2,11 @@
 export check on --device cuda. Skipped with a reason where no CUDA device exists (these machines)."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
 
-from helpers import DATA, TOKENIZERS, need_shared, random_meta_state, write_hf
+from helpers import DATA, need_shared, tiny_llama
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_eps=1e-5)
@@ -15,10 +14,7 @@ PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, norm_
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gpu") / "base"
-    write_hf(d, random_meta_state(PARAMS, 32000, tie=True), PARAMS, 32000, tie=True)
-    shutil.copy(need_shared(TOKENIZERS / "llama2_tokenizer.model"), d / "tokenizer.model")
-    return d
+    return tiny_llama(tmp_path_factory.mktemp("gpu") / "base", PARAMS)
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 64, 96), (5, 123, 77), (123, 256, 129)])
