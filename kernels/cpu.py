@@ -29,7 +29,10 @@ BLOCK_ELEMENTS = 1 << 22  # weights widened to fp32 at once (16 MiB): wide enoug
 
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float -> (q int8, scale fp32 (M,)); same rounding as kernels.reference."""
+    """x (M, K) float -> (q int8, scale fp32 (M,)); same rounding as kernels.reference (our C kernel where it
+    builds: one pass for the absmax and one to quantize, where torch takes seven)."""
+    if x.dim() == 2 and x.device.type == "cpu" and native.available():
+        return native.quantize_rows(x.float(), EPS)
     xf = x.float()
     absmax = torch.maximum(xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True).neg()).clamp_(min=EPS)
     q = (xf * (QMAX / absmax)).add_(0.5).floor_().clamp_(-QMAX, QMAX).to(torch.int8)
@@ -39,7 +42,10 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(qa, sa, qw, sw, bias=None, out_dtype=torch.float32) -> torch.Tensor:
     """(qa (M, K), sa (M,)) x (qw (N, K), sw (N,)) -> (M, N) in out_dtype, through torch._int_mm."""
     acc = torch._int_mm(qa, qw.t())  # (M, N) int32; the weight as a transposed view of its (N, K) storage
-    out = acc.float().mul_(sa[:, None]).mul_(sw[None, :])
+    if native.available():
+        out = native.scale_int32(acc, sa, sw)
+    else:
+        out = acc.float().mul_(sa[:, None]).mul_(sw[None, :])
     if bias is not None:
         out.add_(bias.float())
     return out.to(out_dtype)
@@ -97,5 +103,13 @@ def grad_input_int8(grad_out: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor, 
     """grad_out (M, N) @ (qw * sw[:, None]) (N, K) -> (M, K) in int8: the rows of grad_out * sw quantized
     (the weight scale sits on the summed dimension, so it is folded in before quantizing), then
     torch._int_mm against W as stored (N, K)."""
+    if grad_out.device.type == "cpu" and native.available():
+        qg, sg = native.quantize_rows(grad_out.float(), EPS, col_scale=sw)
+        return native.scale_int32(torch._int_mm(qg, qw), sg, _ones(qw.shape[1])).to(out_dtype)
     qg, sg = quantize_rowwise(grad_out.float() * sw[None, :])
     return torch._int_mm(qg, qw).float().mul_(sg[:, None]).to(out_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int) -> torch.Tensor:
+    return torch.ones(n, dtype=torch.float32)

@@ -10,6 +10,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 static inline float hsum(__m256 v) {
     __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -57,5 +58,73 @@ void int8_gemv(const float* x, const int8_t* q, const float* s, float* y, int64_
                 }
             }
         }
+    }
+}
+
+/* The two passes around torch._int_mm (the int8-units path), fused and threaded; they were a fifth of a
+ * training step as separate torch ops. Rounding is kernels/reference.py's, bit for bit (tests compare):
+ * q = clamp(floor(x * (127 / absmax) + 0.5), -127, 127), absmax floored at eps; built without FP
+ * contraction so x * inv + 0.5 rounds twice, as torch does. */
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+/* x (M, K) fp32, times cs (K,) per column when cs is not NULL (the backward folds the weight scales in
+ * first) -> q (M, K) int8 and scale (M,) = absmax / 127, per row */
+void quantize_rows(const float* x, const float* cs, int8_t* q, float* scale, int64_t M, int64_t K, float eps) {
+    const int64_t K8 = K & ~(int64_t)7;
+    #pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float* xr = x + m * K;
+        int8_t* qr = q + m * K;
+        float* scaled = 0;
+        if (cs) {  /* x * cs, rounded once as torch's product is */
+            scaled = (float*)malloc(K * sizeof(float));
+            for (int64_t k = 0; k < K; k++) scaled[k] = xr[k] * cs[k];
+            xr = scaled;
+        }
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 vmax = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k < K8; k += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xr + k)));
+        float amax = hmax(vmax);
+        for (; k < K; k++) {
+            const float a = xr[k] < 0 ? -xr[k] : xr[k];
+            if (a > amax) amax = a;
+        }
+        if (amax < eps) amax = eps;
+        const float inv = 127.0f / amax;
+        const __m256 vinv = _mm256_set1_ps(inv), half = _mm256_set1_ps(0.5f);
+        const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+        for (k = 0; k < K8; k += 8) {
+            __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + k), vinv), half);
+            v = _mm256_min_ps(_mm256_max_ps(_mm256_floor_ps(v), lo), hi);
+            const __m256i i32 = _mm256_cvttps_epi32(v);
+            const __m256i i8 = _mm256_packs_epi16(_mm256_packs_epi32(i32, i32), _mm256_setzero_si256());
+            const int32_t first = _mm_cvtsi128_si32(_mm256_castsi256_si128(i8));   /* rows 0-3 */
+            const int32_t second = _mm_cvtsi128_si32(_mm256_extracti128_si256(i8, 1));  /* rows 4-7 */
+            __builtin_memcpy(qr + k, &first, 4);
+            __builtin_memcpy(qr + k + 4, &second, 4);
+        }
+        for (; k < K; k++) {
+            float v = __builtin_floorf(xr[k] * inv + 0.5f);
+            qr[k] = (int8_t)(v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v);
+        }
+        scale[m] = amax / 127.0f;
+        free(scaled);
+    }
+}
+
+/* y (M, N) fp32 = acc (M, N) int32 * sa (M,) (row scales) * sw (N,) (column scales), in that order */
+void scale_int32(const int32_t* acc, const float* sa, const float* sw, float* y, int64_t M, int64_t N) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        const float a = sa[m];
+        const int32_t* ar = acc + m * N;
+        float* yr = y + m * N;
+        for (int64_t n = 0; n < N; n++) yr[n] = ((float)ar[n] * a) * sw[n];
     }
 }

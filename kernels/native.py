@@ -21,7 +21,7 @@ import torch
 from . import cpu_info
 
 SOURCE = Path(__file__).with_name("int8_gemv.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared"]  # no contraction: reference rounding
 
 
 def _torch_uses_gnu_openmp() -> bool:
@@ -80,6 +80,10 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"could not build or load {SOURCE.name} in {cpu_info.user_cache_dir() / 'native'}"
     lib.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.int8_gemv.restype = None
+    lib.quantize_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.quantize_rows.restype = None
+    lib.scale_int32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+    lib.scale_int32.restype = None
     return lib, ""
 
 
@@ -101,4 +105,27 @@ def gemv(x: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
     qw, sw = qw.contiguous(), sw.float().contiguous()
     y = torch.empty((M, N), dtype=torch.float32)
     lib.int8_gemv(x.data_ptr(), qw.data_ptr(), sw.data_ptr(), y.data_ptr(), M, K, N)
+    return y
+
+
+def quantize_rows(x: torch.Tensor, eps: float, col_scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) fp32 on the CPU (times col_scale (K,) per column, if given) -> (q int8 (M, K), scale fp32
+    (M,)), kernels.reference's rounding, one pass for the row absmax and one to quantize."""
+    lib = library()[0]
+    x = x.contiguous()
+    M, K = x.shape
+    cs = None if col_scale is None else col_scale.float().contiguous()
+    q = torch.empty((M, K), dtype=torch.int8)
+    scale = torch.empty(M, dtype=torch.float32)
+    lib.quantize_rows(x.data_ptr(), None if cs is None else cs.data_ptr(), q.data_ptr(), scale.data_ptr(), M, K, eps)
+    return q, scale
+
+
+def scale_int32(acc: torch.Tensor, sa: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """acc (M, N) int32 -> acc * sa[:, None] * sw[None, :] fp32 in one pass (torch: three)."""
+    lib = library()[0]
+    acc, sa, sw = acc.contiguous(), sa.float().contiguous(), sw.float().contiguous()
+    y = torch.empty(acc.shape, dtype=torch.float32)
+    lib.scale_int32(acc.data_ptr(), sa.data_ptr(), sw.data_ptr(), y.data_ptr(), *acc.shape)
     return y

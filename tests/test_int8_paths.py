@@ -40,6 +40,27 @@ def runnable(path):
     return path
 
 
+@pytest.mark.parametrize("M,K", [(1, 1), (3, 7), (5, 8), (4, 9), (123, 64), (2, 576), (7, 1537)])
+def test_native_quantize_and_scale_equal_torch_bit_for_bit(M, K):
+    """Our fused C passes around torch._int_mm against kernels.reference (quantize) and torch (scales)."""
+    if not native.available():
+        pytest.skip(f"native kernels: {native.library()[1]}")
+    x = torch.randn(M, K) * torch.logspace(-3, 2, M)[:, None]  # rows of very different sizes
+    x[0, :] = 0.0  # an all-zero row: absmax floored at EPS
+    if K > 3:
+        x[-1, K // 2] = 1e4  # an outlier that owns its row's scale
+    q, s = native.quantize_rows(x, ref.EPS)
+    q_ref, s_ref = ref.quantize_rowwise(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    cs = torch.rand(K) * 3
+    q, s = native.quantize_rows(x, ref.EPS, col_scale=cs)
+    q_ref, s_ref = ref.quantize_rowwise(x * cs[None, :])
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    acc = torch.randint(-2**20, 2**20, (M, 33), dtype=torch.int32)
+    sa, sw = torch.rand(M) + 1e-3, torch.rand(33) + 1e-3
+    assert torch.equal(native.scale_int32(acc, sa, sw), acc.float().mul_(sa[:, None]).mul_(sw[None, :]))
+
+
 @pytest.mark.parametrize("M,K,N", SHAPES)
 def test_quantize_error_bound(M, K, N):
     x, _, _ = data(M, K, N)
