@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .adapter import adapter_extras, apply_adapter, read_adapter
 from .device import pick_device
 from .loader import DEFAULT_BASE, base_fingerprint, load_model, parse_dtype, resolve_base
+from .lora import lora_layers, merged_weight
 from .model import Transformer
-from .quant import add_int8_output_head, quantize_on_load
+from .quant import add_int8_output_head, quantize_model, quantize_on_load
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 from .weights import GGUFWeights, Weights, open_weights
 
@@ -62,20 +64,40 @@ def open_base(base: str | Path = DEFAULT_BASE, tokenizer: str | Path | None = No
     return src, tokenizer_of(src, tokenizer)
 
 
+def fold_adapter(model: Transformer):
+    """Merge every LoRA layer into its float base weight (W + scale * B @ A) and put the plain base layer back in
+    its place: the model decodes at the base's speed, and an int8 base is quantized from the merged weights. A new
+    tensor, not an in-place update: the loaded weight may be a read-only memory map."""
+    for name, layer in lora_layers(model).items():
+        w = layer.base.weight
+        merged = merged_weight(w, layer.lora_A, layer.lora_B, layer.scale).to(w.dtype)
+        layer.base.weight = nn.Parameter(merged, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
+
+
 def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = None,
-              device: str | torch.device = "cpu", progress: bool = False, label: str | None = None) -> Transformer:
+              device: str | torch.device = "cpu", progress: bool = False, label: str | None = None,
+              merge: bool = False) -> Transformer:
     """The model in `src`: int8 quantizes the seven projections of every block while loading (the rest stays
-    fp32); `adapter` applies a PEFT-format LoRA adapter, unmerged, after checking it belongs to this base."""
+    fp32); `adapter` applies a PEFT-format LoRA adapter after checking it belongs to this base, unmerged, or with
+    `merge` folded into the float weights before any quantization (an int8 base then loads in fp32 first)."""
     check_base_dtype(dtype)
+    if merge and adapter is None:
+        raise ValueError("--merge folds an adapter into the base weights: give --adapter too, or drop --merge")
     device = pick_device(device) if isinstance(device, str) else device
     adapted = read_adapter(adapter, src.args) if adapter is not None else None  # a bad adapter fails before a load
     if dtype == "int8":
-        model = load_model(src, "fp32", hook=quantize_on_load, progress=progress)
+        model = load_model(src, "fp32", hook=None if merge else quantize_on_load, progress=progress)
     else:
         model = load_model(src, dtype, progress=progress)
     if adapted is not None:
         adapted.check_base(base_fingerprint(model), model.args.vocab_size, label or str(src.path))
         apply_adapter(model, adapted)
+    if merge:
+        fold_adapter(model)
+        if dtype == "int8":
+            quantize_model(model)
     if dtype == "int8":
         add_int8_output_head(model)
     return model.to(device)
@@ -83,15 +105,15 @@ def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = No
 
 def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | Path | None = None,
          adapter: str | Path | None = None, progress: bool = False,
-         device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+         device: str | torch.device = "cpu", merge: bool = False) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name.
 
     dtype "int8" quantizes the seven projection layers of every block while loading (the rest stays
-    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged. The weights are read on the CPU,
-    then moved to `device` ("auto": CUDA when present).
+    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged, or merged into the base with `merge`.
+    The weights are read on the CPU, then moved to `device` ("auto": CUDA when present).
     """
     src, tok = open_base(base, tokenizer)
-    return load_from(src, dtype, adapter, device, progress, label=str(base)), tok
+    return load_from(src, dtype, adapter, device, progress, label=str(base), merge=merge), tok
 
 
 __all__ = ["load", "load_from", "open_base", "tokenizer_of", "check_tokenizer_fits", "BASE_DTYPES"]

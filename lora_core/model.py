@@ -47,17 +47,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None, devi
     return torch.where(wavelen < original / high, inv_freq, long_scaled)
 
 
-def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Unit complex numbers e^(i·pos·freq), shape positions.shape + (head_dim // 2,), from fp32 angles."""
-    angles = positions.float()[..., None] * inv_freq
-    return torch.polar(torch.ones_like(angles), angles)
+def rope_table(n: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """(cos, sin) of the angles pos·freq for positions 0..n-1: (n, head_dim/2, 2) fp32, angles computed in fp32."""
+    angles = torch.arange(n, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq  # (n, head_dim/2)
+    return torch.stack((angles.cos(), angles.sin()), -1)
 
 
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x: (B, T, H, head_dim) as complex numbers, Meta's way;
-    rot: (B or 1, T, head_dim/2)."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, head_dim/2)
-    return torch.view_as_real(pairs * rot[:, :, None, :]).flatten(-2).to(x.dtype)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of x: (B, T, H, head_dim) by the angles of rope:
+    (B or 1, T, head_dim/2, 2) cos/sin rows of rope_table, Meta's interleaved layout, in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, head_dim/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # (B or 1, T, 1, head_dim/2)
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2).to(x.dtype)
 
 
 class KVCache:
@@ -90,12 +92,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, rot, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, rope, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rot), apply_rope(k, rot)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim), S = past + T
@@ -127,8 +129,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = FeedForward(args)
 
-    def forward(self, x, rot, mask, cache):
-        h = x + self.self_attn(self.input_layernorm(x), rot, mask, cache)
+    def forward(self, x, rope, mask, cache):
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -142,12 +144,21 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         # activation recomputation: keep only each block's input, recompute the block during backward
         self.recompute_activations = False
+        self._rope: torch.Tensor | None = None  # rope_table rows, grown on demand (rope())
         self.tie_weights()
 
     def tie_weights(self):
         """Share the embedding with the output layer when the checkpoint does (SmolLM2)."""
         if self.args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def rope(self, n: int, device: torch.device) -> torch.Tensor:
+        """rope_table for at least n positions, cached on the model (rebuilt only to grow or to move)."""
+        if self._rope is None or self._rope.shape[0] < n or self._rope.device != torch.device(device):
+            a = self.args
+            size = max(n, 256, 2 * self._rope.shape[0] if self._rope is not None else 0)
+            self._rope = rope_table(size, rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, device))
+        return self._rope
 
     def forward(
         self,
@@ -177,16 +188,18 @@ class Transformer(nn.Module):
         past = cache.pos if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + T, device=tokens.device)[None, :]  # (1, T)
-        a = self.args
-        rot = rope_rotation(positions, rope_inv_freq(a.head_dim, a.rope_theta, a.rope_scaling, tokens.device))
+            n = past + T
+        else:
+            n = int(positions.max()) + 1  # a host sync, for padded batches only
+        rope = self.rope(n, tokens.device)[positions]  # (B or 1, T, head_dim/2, 2)
         mask = self._mask(attention_mask, B, T, past, tokens.device)
         h = self.embed_tokens(tokens)
         recompute = self.recompute_activations and cache is None and torch.is_grad_enabled()
         for layer in self.layers:
             if recompute:
-                h = checkpoint(layer, h, rot, mask, None, use_reentrant=False)
+                h = checkpoint(layer, h, rope, mask, None, use_reentrant=False)
             else:
-                h = layer(h, rot, mask, cache)
+                h = layer(h, rope, mask, cache)
         if cache is not None:
             cache.pos += T
         return self.norm(h)

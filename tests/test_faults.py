@@ -306,25 +306,26 @@ def test_generate_output_file_cases(tiny_base, tmp_path, capsys, monkeypatch):
     # an existing output needs --force
     code, _, err = run_cli(generate_cli.main, base + ["--output-file", out], capsys)
     assert code == 1 and "already exists; pass --force" in last_line(err) and out.read_text() == first
-    # interrupted after two answers: they are kept, and --resume answers only the rest
+    # interrupted after the first batch of two answers: they are kept, and --resume answers only the rest (in
+    # batches of 2 here, of 8 above: the same greedy answers)
     import lora_core.cli.generate as cli
 
-    real, answered = cli.generate, []
+    real, answered = cli.generate_batch, []
 
     def interrupted(*a, **k):
-        if len(answered) == 2:
+        if answered:
             raise KeyboardInterrupt
         answered.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(cli, "generate", interrupted)
+    monkeypatch.setattr(cli, "generate_batch", interrupted)
     out2 = tmp_path / "b.jsonl"
-    code, _, err = run_cli(generate_cli.main, base + ["--output-file", out2], capsys)
+    code, _, err = run_cli(generate_cli.main, base + ["--output-file", out2, "--batch-size", "2"], capsys)
     assert code == 130 and "rerun with --resume" in last_line(err) and not out2.exists()
     partial = tmp_path / ".b.jsonl.partial"
     assert len(partial.read_text().splitlines()) == 2
-    monkeypatch.setattr(cli, "generate", real)
-    code, _, err = run_cli(generate_cli.main, base + ["--output-file", out2, "--resume"], capsys)
+    monkeypatch.setattr(cli, "generate_batch", real)
+    code, _, err = run_cli(generate_cli.main, base + ["--output-file", out2, "--resume", "--batch-size", "3"], capsys)
     assert code == 0 and "2 of 4 records already answered" in err
     assert out2.read_text() == first and not partial.exists()
 

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from lora_core.batch_generation import generate_batch, left_pad
 from lora_core.chat import Conversation
 from lora_core.cli import generate as generate_cli
 from lora_core.data import ALPACA, VICUNA_CHAT
@@ -33,6 +34,30 @@ def test_greedy_equals_transformers(smollm2, hf_smollm2, prompt, penalty):
         reason = "length"
     assert g.token_ids == ref and g.stop_reason == reason
     assert g.text == tok.decode(ref)
+
+
+@pytest.mark.parametrize("penalty,stop", [(1.0, ()), (1.3, ("\n",))])
+def test_batched_greedy_equals_batch_one(smollm2, penalty, stop):
+    """Left-padded rows of different lengths decode exactly as each prompt alone (RoPE positions, padding mask,
+    per-row penalty context and stop strings)."""
+    model, tok = smollm2
+    questions = ["Name three colours.", "Why is the sky blue? Answer in one sentence, please.", "What is 2 + 2?",
+                 "Write a haiku about rain."]
+    prompts = [tok.encode(ALPACA.prompt(q)) for q in questions]
+    assert len({len(p) for p in prompts}) == len(prompts)  # every row padded differently
+    s = Sampling(0, 0, 1.0, penalty)
+    batched = generate_batch(model, tok, prompts, s, max_new_tokens=20, stop=stop)
+    for p, b in zip(prompts, batched):
+        one = generate(model, tok, p, s, max_new_tokens=20, stop=stop)
+        assert (b.token_ids, b.text, b.stop_reason) == (one.token_ids, one.text, one.stop_reason)
+    assert len({tuple(b.token_ids) for b in batched}) == len(prompts)
+
+
+def test_left_pad():
+    tokens, mask, positions = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert tokens.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
 def test_adapter_changes_output_and_unmerged_equals_merged(smollm2_path):
@@ -162,6 +187,8 @@ def test_cli_input_file_and_interactive(tmp_path, run_generate):
     (["--prompt", "a", "--raw", "--template", "alpaca"], "--raw"),
     (["--prompt", "a", "--top-p", "2"], "top-p"),
     (["--input-file", "q.json"], "needs --output-file"),
+    (["--prompt", "a", "--merge"], "--merge folds an adapter into the base weights: give --adapter"),
+    (["--input-file", "q.json", "--output-file", "a.jsonl", "--batch-size", "0"], "--batch-size 0"),
 ])
 def test_cli_refuses_conflicting_settings(args, match, run_generate):
     code, _, err = run_generate(*args)

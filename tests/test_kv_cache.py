@@ -63,3 +63,25 @@ def test_smollm2_cached_greedy_equals_uncached(smollm2):
             logits = model(nxt, cache=cache)
         full = model(torch.tensor([ids + cached]))
     assert full[0, len(ids) - 1:-1].argmax(-1).tolist() == cached
+
+
+def test_rope_table_is_cached_and_rotates_by_pos_times_freq():
+    """The cos/sin table is built once per model (grown only past its length) and rotates each pair
+    (x[2i], x[2i+1]) by pos * theta^(-2i/head_dim), computed here in float64 as complex numbers."""
+    from lora_core.model import apply_rope
+
+    model = tiny()
+    tokens = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        model(tokens)
+        table = model._rope
+        model(tokens)
+    assert model._rope is table and table.shape[0] >= 9
+    assert model.rope(table.shape[0] + 1, "cpu").shape[0] > table.shape[0]  # grows when asked for more
+    head_dim, pos = model.args.head_dim, torch.tensor([[0, 5, 300]])
+    x = torch.randn(1, 3, 2, head_dim)
+    freq = model.args.rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    rot = torch.polar(torch.ones(3, head_dim // 2, dtype=torch.float64), pos[0, :, None].double() * freq)
+    want = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2))) * rot[None, :, None])
+    got = apply_rope(x, model.rope(301, "cpu")[pos])
+    torch.testing.assert_close(got, want.flatten(-2).float(), atol=5e-4, rtol=1e-4)  # fp32 angles
