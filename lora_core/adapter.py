@@ -5,6 +5,11 @@ and merging (export/merge.py) both consume it. PEFT keys name HF modules
 ('base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight') and HF's q/k rows are permuted
 relative to our Meta layout, so lora_B of q_proj/k_proj is permuted on the way in and out. Our extras
 (base, fingerprint, vocab size) ride in the safetensors metadata, which PEFT ignores.
+
+An adapter trained on an extended vocabulary (lora_core.vocab) holds embed_tokens and lm_head with the new
+rows as modules_to_save (PEFT loads them once the base's embeddings are resized to the tokenizer it carries),
+the extended tokenizer's files (tokenizer.model or tokenizer.json, tokenizer_config.json) and, in the extras,
+extended_vocab_size; vocab_size and fingerprint stay the base's, so the adapter still names its base.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from .config import ModelArgs
 from .lora import apply_lora, enable_modules_to_save, lora_layers
 from .model import PROJECTIONS
 from .names import hf_to_meta_rows, meta_to_hf_rows, rope_heads
+from .tokenizer import Tokenizer, load_tokenizer, write_tokenizer_files
 
 PEFT_PREFIX = "base_model.model.model."
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -45,7 +51,8 @@ class Adapter:
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: module name -> weight
     base: str | None = None  # what lora-core recorded at training time (None for PEFT's own adapters)
     fingerprint: str | None = None
-    vocab_size: int | None = None
+    vocab_size: int | None = None  # the base's vocabulary
+    tokenizer: Tokenizer | None = None  # the extended tokenizer of an adapter that grew the vocabulary
 
     @property
     def scale(self) -> float:
@@ -57,13 +64,20 @@ class Adapter:
 
     def check_base(self, fingerprint: str, vocab_size: int, base: str):
         """Refuse a base other than the one the adapter was trained on (when the adapter recorded it)."""
-        trained_on = self.base or "another base"
-        if self.vocab_size is not None and self.vocab_size != vocab_size:
-            raise ValueError(f"{self.path}: trained on {trained_on} with a {self.vocab_size}-token vocabulary; {base} "
-                             f"has {vocab_size}: pass the adapter's own base with --base")
-        if self.fingerprint and self.fingerprint != fingerprint:
-            raise ValueError(f"{self.path}: trained on {trained_on} (fingerprint {self.fingerprint}); {base} has "
-                             f"fingerprint {fingerprint}: pass the adapter's own base with --base")
+        check_trained_base(self.path, {"base": self.base, "fingerprint": self.fingerprint,
+                                       "vocab_size": self.vocab_size}, fingerprint, vocab_size, base)
+
+
+def check_trained_base(path: Path, extras: dict, fingerprint: str | None, vocab_size: int, base: str):
+    """The refusal of Adapter.check_base, from the recorded extras (fingerprint None: the vocabulary alone)."""
+    trained_on, trained_vocab, trained_print = extras.get("base") or "another base", extras.get("vocab_size"), (
+        extras.get("fingerprint"))
+    if trained_vocab is not None and trained_vocab != vocab_size:
+        raise ValueError(f"{path}: trained on {trained_on} with a {trained_vocab}-token vocabulary; {base} has "
+                         f"{vocab_size}: pass the adapter's own base with --base")
+    if fingerprint is not None and trained_print and trained_print != fingerprint:
+        raise ValueError(f"{path}: trained on {trained_on} (fingerprint {trained_print}); {base} has fingerprint "
+                         f"{fingerprint}: pass the adapter's own base with --base")
 
 
 def _read_config(path: Path) -> dict:
@@ -104,6 +118,44 @@ def _read_tensors(d: Path) -> tuple[dict[str, torch.Tensor], dict]:
         except (RuntimeError, EOFError, OSError) as e:
             raise ValueError(f"{d / LEGACY_WEIGHTS_NAME}: unreadable ({e}); retrain or re-copy the adapter") from e
     raise FileNotFoundError(f"{d}: no {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME}")
+
+
+def _saved_rows(d: Path, config: dict) -> int:
+    """The most rows of an embed_tokens / lm_head saved in full, read from the safetensors header (0: none)."""
+    names = [saved_module_key(m) for m in config.get("modules_to_save") or [] if m in ("embed_tokens", "lm_head")]
+    if not names or not (d / WEIGHTS_NAME).is_file():
+        return 0
+    try:
+        with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+            return max((f.get_slice(k).get_shape()[0] for k in names if k in f.keys()), default=0)
+    except SafetensorError as e:
+        raise ValueError(f"{d / WEIGHTS_NAME}: corrupt or truncated ({e}); retrain or re-copy the adapter") from e
+
+
+def _extended_tokenizer(d: Path, size: int, base_vocab: int) -> Tokenizer:
+    """The tokenizer of an adapter whose vocabulary grew from base_vocab to `size` tokens: its own files."""
+    if not any((d / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        raise FileNotFoundError(f"{d}: the adapter grew the vocabulary from {base_vocab} to {size} tokens but its "
+                                "tokenizer (tokenizer.json or tokenizer.model) is not in the directory; copy it from "
+                                "the training output")
+    tok = load_tokenizer(d)
+    if tok.vocab_size != size:
+        raise ValueError(f"{tok.path}: {tok.vocab_size} tokens, but the adapter's embeddings have {size} rows; this "
+                         "tokenizer belongs to another run: copy the one it was trained with")
+    return tok
+
+
+def adapter_tokenizer(adapter_dir: str | Path, base_vocab: int, base: str = "this base") -> Tokenizer | None:
+    """The extended tokenizer an adapter carries when it grew the base's vocabulary (recorded by lora-core, or
+    seen in the rows of a PEFT adapter's embed_tokens / lm_head), without reading its tensors; None otherwise.
+    An adapter recorded as trained on a base with another vocabulary is refused first, as check_base would."""
+    d = Path(adapter_dir)
+    extras = adapter_extras(d)
+    check_trained_base(d, extras, None, base_vocab, base)
+    size = extras.get("extended_vocab_size")
+    if size is None and (d / CONFIG_NAME).is_file():
+        size = _saved_rows(d, _read_config(d / CONFIG_NAME))
+    return _extended_tokenizer(d, size, base_vocab) if size and size > base_vocab else None
 
 
 def _module_of(key: str, which: str) -> str | None:
@@ -158,8 +210,13 @@ def read_adapter(adapter_dir: str | Path, args: ModelArgs) -> Adapter:
         if not torch.isfinite(weight).all():
             raise ValueError(f"{d}: {module} holds NaN or inf values; the adapter is damaged")
         saved[module] = weight.float()
+    base_vocab = extras.get("vocab_size") or args.vocab_size
+    grown = extras.get("extended_vocab_size") or max((saved[m].shape[0] for m in ("embed_tokens", "lm_head")
+                                                      if m in saved), default=0)
+    tok = _extended_tokenizer(d, grown, base_vocab) if grown > base_vocab else None
     return Adapter(d, r, alpha, float(config.get("lora_dropout", 0.0)), layers, saved,
-                   base=extras.get("base"), fingerprint=extras.get("fingerprint"), vocab_size=extras.get("vocab_size"))
+                   base=extras.get("base"), fingerprint=extras.get("fingerprint"), vocab_size=extras.get("vocab_size"),
+                   tokenizer=tok)
 
 
 def adapter_extras(adapter_dir: str | Path) -> dict:
@@ -180,7 +237,12 @@ def adapter_extras(adapter_dir: str | Path) -> dict:
 
 
 def apply_adapter(model: nn.Module, adapter: Adapter):
-    """Wrap the adapter's layers in LoRALinear, unmerged, and copy its tensors in; the model keeps its mode."""
+    """Wrap the adapter's layers in LoRALinear, unmerged, and copy its tensors in; the model keeps its mode. An
+    adapter that grew the vocabulary needs the model grown first (lora_core.vocab.resize_model; load() does it)."""
+    if adapter.tokenizer is not None and model.args.vocab_size != adapter.tokenizer.vocab_size:
+        raise ValueError(f"{adapter.path}: the adapter grew the vocabulary to {adapter.tokenizer.vocab_size} tokens; "
+                         f"this model embeds {model.args.vocab_size}: load it with lora_core.load(base, adapter=...), "
+                         "which grows the embeddings")
     training = model.training  # new dropout modules start in training mode; keep the model's mode
     apply_lora(model, adapter.targets, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout)
     model.train(training)
@@ -228,7 +290,8 @@ def _atomic_write(path: Path, write):
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", extras: dict | None = None,
                  modules_to_save: tuple[str, ...] = ()) -> Path:
-    """Write the model's LoRA layers (and fully trained modules) as a PEFT adapter.
+    """Write the model's LoRA layers (and fully trained modules) as a PEFT adapter; a model whose vocabulary was
+    extended also gets its tokenizer written beside it (first, so no adapter exists without it).
 
     Refuses an adapter with no LoRA tensors or with NaN/inf values, and re-reads what it wrote.
     """
@@ -263,7 +326,14 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", ext
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"lora_core": json.dumps(extras or {})}
+    from .vocab import ExtendedEmbedding  # imported here: python -m lora_core.vocab must find it unimported
+
+    extras = dict(extras or {})
+    embed = getattr(model, "embed_tokens", None)
+    if isinstance(embed, ExtendedEmbedding):
+        write_tokenizer_files(embed.tokenizer, out)
+        extras.update(vocab_size=embed.tokenizer.extension.base_size, extended_vocab_size=embed.num_embeddings)
+    meta = {"lora_core": json.dumps(extras)}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
     _atomic_write(out / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2)))
     back = load_file(str(out / WEIGHTS_NAME))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import adapter_extras, apply_adapter, read_adapter
+from .adapter import adapter_extras, adapter_tokenizer, apply_adapter, read_adapter
 from .device import pick_device
 from .loader import DEFAULT_BASE, base_fingerprint, load_model, parse_dtype, resolve_base
 from .lora import lora_layers, merged_weight
@@ -58,10 +58,19 @@ def tokenizer_of(src: Weights, tokenizer: str | Path | None = None) -> Tokenizer
     return tok
 
 
-def open_base(base: str | Path = DEFAULT_BASE, tokenizer: str | Path | None = None) -> tuple[Weights, Tokenizer]:
-    """The base's weight reader (nothing loaded yet) and its tokenizer: enough to check data before a load."""
+def open_base(base: str | Path = DEFAULT_BASE, tokenizer: str | Path | None = None,
+              adapter: str | Path | None = None) -> tuple[Weights, Tokenizer]:
+    """The base's weight reader (nothing loaded yet) and its tokenizer: enough to check data before a load. With
+    an adapter that grew the vocabulary, the tokenizer is the adapter's own, checked to extend the base's."""
     src = open_weights(resolve_base(base))
-    return src, tokenizer_of(src, tokenizer)
+    grown = adapter_tokenizer(adapter, src.args.vocab_size, str(base)) if adapter is not None else None
+    if grown is None:
+        return src, tokenizer_of(src, tokenizer)
+    if tokenizer is not None:
+        raise ValueError(f"{adapter}: the adapter carries its own (extended) tokenizer; leave the tokenizer out")
+    from .vocab import check_extends  # lazily: python -m lora_core.vocab runs that module as __main__
+
+    return src, check_extends(grown, tokenizer_of(src), adapter)
 
 
 def fold_adapter(model: Transformer):
@@ -93,6 +102,11 @@ def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = No
         model = load_model(src, dtype, progress=progress)
     if adapted is not None:
         adapted.check_base(base_fingerprint(model), model.args.vocab_size, label or str(src.path))
+        if adapted.tokenizer is not None:  # the adapter grew the vocabulary: the model's embeddings grow with it
+            from .vocab import check_extends, resize_model
+
+            base_tok = tokenizer_of(src)
+            resize_model(model, check_extends(adapted.tokenizer, base_tok, adapted.path), base_tok)
         apply_adapter(model, adapted)
     if merge:
         fold_adapter(model)
@@ -109,10 +123,11 @@ def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | 
     """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name.
 
     dtype "int8" quantizes the seven projection layers of every block while loading (the rest stays
-    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged, or merged into the base with `merge`.
-    The weights are read on the CPU, then moved to `device` ("auto": CUDA when present).
+    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged, or merged into the base with `merge`
+    (with the adapter's own tokenizer and grown embeddings when it extended the vocabulary). The weights are
+    read on the CPU, then moved to `device` ("auto": CUDA when present).
     """
-    src, tok = open_base(base, tokenizer)
+    src, tok = open_base(base, tokenizer, adapter)
     return load_from(src, dtype, adapter, device, progress, label=str(base), merge=merge), tok
 
 

@@ -1,5 +1,6 @@
-"""Instruction data: alpaca records and Chinese-Vicuna chats, prompt templates, labels with the
-prompt masked, EOS always learned, and bad records reported by file and line."""
+"""Training data: alpaca records and Chinese-Vicuna chats (prompt templates, labels with the prompt masked,
+EOS always learned), raw text for continued pretraining (documents joined with EOS, packed into blocks, every
+token learned), and bad records reported by file and line."""
 from __future__ import annotations
 
 import json
@@ -100,18 +101,22 @@ class DataReport:
     """What happened to the records: kept, truncated, dropped, and why."""
 
     kept: int = 0
+    documents: int = 0  # raw-text documents, packed into `blocks` of the examples kept
+    blocks: int = 0
     truncated: int = 0
     dropped_too_long: int = 0
     bad: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{self.kept} examples kept, {self.truncated} truncated to the cutoff, {self.dropped_too_long} dropped "
-                f"(prompt fills the cutoff), {len(self.bad)} bad records skipped")
+        raw = f" ({self.blocks} blocks of raw text from {self.documents} documents)" if self.documents else ""
+        return (f"{self.kept} examples kept{raw}, {self.truncated} truncated to the cutoff, {self.dropped_too_long} "
+                f"dropped (prompt fills the cutoff), {len(self.bad)} bad records skipped")
 
 
-ACCEPTED = ("alpaca records {instruction, input, output} or Chinese-Vicuna chats {input: [turns], output: [turns]}, "
-            "as a JSON list or JSON lines")
+ACCEPTED = ("alpaca records {instruction, input, output}, Chinese-Vicuna chats {input: [turns], output: [turns]} or "
+            "raw text records {text}, as a JSON list or JSON lines, or raw text as .txt files")
+TEXT_SUFFIXES = (".txt", ".md")  # a file of these is one raw-text document
 PLACEHOLDER = re.compile(r"\{\{\s*\w+\s*\}\}")  # {{name}}: a template field someone forgot to fill in
 
 
@@ -142,9 +147,9 @@ def read_records(path: str | Path) -> list[tuple[str, dict | object]]:
     """(where, record) pairs from a JSON list or JSON lines; `where` is 'file:line' for the messages."""
     path = Path(path)
     text = read_text(path)
-    if path.suffix.lower() in (".txt", ".md"):
-        raise ValueError(f"{path}: plain text (raw text for continued pretraining) is not training data here; "
-                         f"train.py takes {ACCEPTED}")
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        raise ValueError(f"{path}: plain text, not JSON records; give alpaca records as a JSON list or JSON lines "
+                         "(train.py also takes .txt files, as raw text for continued pretraining)")
     if text.lstrip().startswith("["):
         try:
             rows = _json(text)
@@ -170,11 +175,79 @@ def format_of(record) -> str | None:
     keys = set(record)
     if {"chosen", "rejected"} <= keys:
         return "preference data (chosen/rejected pairs, for DPO or reward models)"
-    if "text" in keys and not keys & {"instruction", "output"}:
-        return "raw text records {text} (continued pretraining)"
     if keys & {"messages", "conversations"}:
         return "chat messages in OpenAI/ShareGPT form (messages or conversations lists)"
     return None
+
+
+def is_raw_text(record) -> bool:
+    """A {text} record of continued-pretraining data (and not an instruction record that happens to hold a text)."""
+    return isinstance(record, dict) and "text" in record and not record.keys() & {"instruction", "output", "input"}
+
+
+def document_of(record) -> str:
+    """The document of a raw-text record; raises ValueError with what is wrong."""
+    if isinstance(record, Exception):
+        raise record
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError("a raw-text record needs a 'text' string")
+    if not record["text"].strip():
+        raise ValueError("empty 'text'")
+    return record["text"]
+
+
+def pack_documents(documents: list[str], tokenizer, cutoff_len: int) -> list[Example]:
+    """Documents as one token stream (each opened with BOS when the tokenizer adds one, closed with EOS), cut
+    into blocks of cutoff_len tokens that overlap by one: every token but the first is predicted exactly once
+    (a block's first token is the last of the block before, which nothing in that block predicts)."""
+    stream = [i for doc in documents for i in tokenizer.encode(doc, eos=True)]
+    step = cutoff_len - 1
+    blocks = [stream[s:s + cutoff_len] for s in range(0, len(stream) - 1, step)]
+    return [Example(b, list(b)) for b in blocks]
+
+
+def read_file(path: str | Path) -> tuple[list[str] | None, list]:
+    """(raw-text documents, []) for a .txt file (one document); ([], records) for JSON / JSON lines, whose first
+    records that parse decide: all {text} records make a raw-text file (documents_of), else (None, records)."""
+    path = Path(path)
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        text = read_text(path)
+        if not text.strip():
+            raise ValueError(f"{path}: an empty text file; remove it from --data")
+        return [text], []
+    records = read_records(path)
+    head = [r for _, r in records if not isinstance(r, Exception)][:20]
+    return ([] if head and all(is_raw_text(r) for r in head) else None), records
+
+
+def documents_of(records, strict: bool, report: DataReport) -> list[str]:
+    """The documents of raw-text records; bad ones skipped and reported (or fatal with strict)."""
+    documents = []
+    for where, record in records:
+        try:
+            documents.append(document_of(record))
+        except ValueError as e:
+            if strict:
+                raise ValueError(f"{where}: {e} (drop --strict to skip bad records)") from None
+            report.bad.append(f"{where}: {e}")
+    return documents
+
+
+def texts_of(paths) -> list[str]:
+    """Every text a file holds (instructions, inputs and outputs, chat turns, raw documents), bad records skipped:
+    what vocabulary extension learns new tokens from."""
+    texts = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        documents, records = read_file(path)
+        if documents is not None:
+            texts += documents + documents_of(records, False, DataReport())
+            continue
+        for _, record in records:
+            if isinstance(record, dict):
+                fields = [record.get(k) for k in ("instruction", "input", "output")]
+                fields = [x for f in fields for x in (f if isinstance(f, list) else [f])]  # chats: lists of turns
+                texts += [f for f in fields if isinstance(f, str) and f.strip()]
+    return texts
 
 
 def segments_of(record, template: Template) -> list[tuple[str, bool]]:
@@ -236,12 +309,16 @@ def encode_segments(segments, tokenizer, cutoff_len: int, train_on_inputs: bool)
 
 def load_examples(paths, tokenizer, template: Template, cutoff_len: int = 256, train_on_inputs: bool = False,
                   strict: bool = False) -> tuple[list[Example], DataReport]:
-    """Every record of every file, encoded; bad records skipped and counted (or fatal with strict)."""
+    """Every record of every file, encoded; bad records skipped and counted (or fatal with strict). Raw-text files
+    (.txt, {text} records) may be mixed in: their documents are packed into blocks after the records."""
     if tokenizer.eos_id is None:
         raise ValueError(f"{tokenizer.path}: the tokenizer has no EOS token; training could never learn to stop")
-    report, examples, placeholders = DataReport(), [], []
+    report, examples, placeholders, documents = DataReport(), [], [], []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        records = read_records(path)
+        raw, records = read_file(path)
+        if raw is not None:
+            documents += raw + documents_of(records, strict, report)
+            continue
         for where, record in records:
             try:
                 segments = segments_of(record, template)
@@ -263,6 +340,10 @@ def load_examples(paths, tokenizer, template: Template, cutoff_len: int = 256, t
                 report.dropped_too_long += 1
             else:
                 examples.append(example)
+    if documents:
+        blocks = pack_documents(documents, tokenizer, cutoff_len)
+        examples += blocks
+        report.documents, report.blocks = len(documents), len(blocks)
     report.kept = len(examples)
     if placeholders:
         where, field_ = placeholders[0]

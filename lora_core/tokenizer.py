@@ -1,11 +1,14 @@
 """Tokenizers: SentencePiece (.model), vocabularies embedded in GGUF (llama / gpt2), HF tokenizer.json.
 
 One interface for all: encode(text, bos=None, eos=False), decode(ids), bos_id / eos_id / pad_id,
-vocab_size, and StreamDecoder for printing ids as they arrive without broken UTF-8.
+vocab_size, and StreamDecoder for printing ids as they arrive without broken UTF-8. write_tokenizer_files
+writes one back out as HF / Meta tokenizer files (tokenizer.model or tokenizer.json + tokenizer_config.json).
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from .gguf_io import GGUFFile
@@ -23,6 +26,8 @@ class Tokenizer:
     eos_id: int | None
     pad_id: int
     add_bos: bool
+    # set on a vocabulary grown from a base's (lora_core.vocab.Extension): ids from extension.base_size on are new
+    extension = None
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:
         """Token ids of text; bos=None follows the tokenizer's own add-BOS setting."""
@@ -42,8 +47,14 @@ class Tokenizer:
     def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
+    def piece(self, i: int) -> str:
+        """The vocabulary's own string for id i (SentencePiece's '▁' for spaces, byte-level BPE's 'Ġ'...)."""
+        raise NotImplementedError
+
     def __repr__(self):
-        return f"{type(self).__name__}({self.path.name}, vocab={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id})"
+        grown = f", extended from {self.extension.base_size}" if self.extension is not None else ""
+        return (f"{type(self).__name__}({self.path.name}, vocab={self.vocab_size}{grown}, bos={self.bos_id}, "
+                f"eos={self.eos_id})")
 
 
 class StreamDecoder:
@@ -104,6 +115,9 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids):
         return self.sp.decode(list(ids))
 
+    def piece(self, i):
+        return self.sp.id_to_piece(i)
+
 
 class HFTokenizer(Tokenizer):
     """A `tokenizers` Tokenizer: HF tokenizer.json, or a byte-level BPE built from a GGUF vocabulary."""
@@ -121,6 +135,9 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def piece(self, i):
+        return self.tok.id_to_token(i)
 
 
 def _id_or_none(i: int) -> int | None:
@@ -244,3 +261,49 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if path.suffix == ".json":
         return _tokenizer_json(path)
     return SentencePieceTokenizer(path)
+
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _replace_file(path: Path, write):
+    """write(tmp) then rename over `path`: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_tokenizer_files(tok: Tokenizer, out: Path):
+    """Tokenizer files transformers and our loader read: the base's own files when it has them, else rebuilt ones
+    (tokenizer.model for SentencePiece, tokenizer.json for byte-level BPE), and a tokenizer_config.json. An
+    extended vocabulary is always written from the tokenizer itself (its files on disk are the base's)."""
+    src = Path(tok.path)
+    own = []
+    if tok.extension is None and src.suffix != ".gguf":
+        own = [src.parent / n for n in HF_TOKENIZER_FILES if (src.parent / n).is_file()]
+        if src.suffix == ".model" and src.is_file() and src.parent / "tokenizer.model" not in own:
+            own.append(src)  # a tokenizer.model found one level up (Meta's layout)
+    for f in own:
+        name = "tokenizer.model" if f.suffix == ".model" else f.name
+        _replace_file(out / name, lambda t, f=f: shutil.copyfile(f, t))
+    if any(f.name == "tokenizer_config.json" for f in own):
+        return
+    if isinstance(tok, SentencePieceTokenizer):
+        if not own:
+            _replace_file(out / "tokenizer.model", lambda t: t.write_bytes(tok.sp.serialized_model_proto()))
+        cls = "LlamaTokenizer"
+    else:
+        assert isinstance(tok, HFTokenizer)
+        if not own:
+            _replace_file(out / "tokenizer.json", lambda t: tok.tok.save(str(t)))
+        cls = "PreTrainedTokenizerFast"
+    config = {"tokenizer_class": cls, "add_bos_token": tok.add_bos, "add_eos_token": False,
+              "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+    for name, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id)):
+        if i is not None:
+            config[f"{name}_token"] = tok.piece(i)
+    text = json.dumps(config, indent=2, ensure_ascii=False)
+    _replace_file(out / "tokenizer_config.json", lambda t: t.write_text(text, encoding="utf-8"))

@@ -43,6 +43,9 @@ class TrainConfig:
     lora_dropout: float = _opt(0.05, "dropout on the LoRA input")
     targets: str = _opt("q_proj,v_proj", "q_proj,v_proj ... (Meta wq.. too) or all")
     modules_to_save: list[str] = _opt(list, "fully trained modules, e.g. embed_tokens lm_head")
+    extend_vocab: str | None = _opt(None, "grow the vocabulary first: auto (new tokens learned from --data), a "
+                                          "SentencePiece .model to merge, or a directory from python -m "
+                                          "lora_core.vocab; embed_tokens and lm_head are then trained in full")
     train_on_inputs: bool = _opt(False, "also learn the prompt tokens")
     base_dtype: str = _opt("int8", "frozen base precision: int8, bf16 or fp32")
     eval_every: int = _opt(200, "evaluate every N steps (and at the end)")
@@ -62,6 +65,8 @@ class TrainConfig:
     def __post_init__(self):
         # "--modules-to-save embed_tokens,lm_head" and "embed_tokens lm_head" mean the same
         self.modules_to_save = [m for item in self.modules_to_save for m in item.split(",") if m]
+        if self.extend_vocab:  # the new rows are learned: both matrices are trained (PEFT's modules_to_save)
+            self.modules_to_save += [m for m in ("embed_tokens", "lm_head") if m not in self.modules_to_save]
 
     @property
     def micro_size(self) -> int:

@@ -33,11 +33,14 @@ from .loss import summed_loss
 from .metrics import MetricsLog
 from .train_config import TrainConfig
 from .train_state import DiskFull, latest_checkpoint, read_state, remove_partial, restore_checkpoint, save_checkpoint
+from .vocab import extended_tokenizer, resize_model
 
-RUN_FILES = ("training_args.json", "metrics.jsonl", "loss.png", CONFIG_NAME, WEIGHTS_NAME)
+RUN_FILES = ("training_args.json", "metrics.jsonl", "loss.png", CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json",
+             "tokenizer.model", "tokenizer_config.json")  # tokenizer files: an --extend-vocab run's
 # settings that make a different run if changed on --resume (the rest may change: lr, epochs, eval...)
 SAME_RUN = ("base", "data", "template", "cutoff_len", "train_on_inputs", "lora_r", "lora_alpha", "targets",
-            "modules_to_save", "base_dtype", "seed", "batch_size", "val_size", "val_data", "group_by_length")
+            "modules_to_save", "base_dtype", "seed", "batch_size", "val_size", "val_data", "group_by_length",
+            "extend_vocab")
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -225,9 +228,15 @@ def setup(cfg: TrainConfig) -> Run:
     random.seed(cfg.seed)
 
     src, tok = open_base(cfg.base)
+    base_tok = tok
+    if cfg.extend_vocab:  # --extend-vocab (lora_core/vocab.py): the data is tokenized with the extended vocabulary
+        tok = extended_tokenizer(cfg.extend_vocab, tok, src.args.vocab_size, cfg.data, resume_from,
+                                 log=print if main else None)
     train_set, val_set = read_data(cfg, tok, main)  # a bad data file is reported before the model loads
     model = load_from(src, cfg.base_dtype, progress=main, device=device)
     extras = {"base": cfg.base, "fingerprint": base_fingerprint(model), "vocab_size": model.args.vocab_size}
+    if tok is not base_tok:  # --extend-vocab: new rows, trained with the rest of the two matrices (modules_to_save)
+        resize_model(model, tok, base_tok)
 
     def make_optimizer():
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,

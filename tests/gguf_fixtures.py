@@ -24,9 +24,10 @@ def meta_to_gguf_name(name: str) -> str:
 
 
 def write_gguf(path: Path, sd: dict, params: dict, hidden_dim: int, qtypes: dict[str, str] | None = None,
-               sp_model: Path | None = None) -> dict[str, torch.Tensor]:
-    """A llama GGUF from a Meta-layout state dict; returns the weights as llama.cpp will see them
-    (dequantized by gguf.quants, the package's own reference code)."""
+               sp_model: Path | None = None, vocab_from: Path | None = None) -> dict[str, torch.Tensor]:
+    """A llama GGUF from a Meta-layout state dict (with sp_model's vocabulary, or vocab_from's tokenizer.*
+    fields copied from another GGUF); returns the weights as llama.cpp will see them (dequantized by
+    gguf.quants, the package's own reference code)."""
     import gguf
 
     qtypes = qtypes or {}
@@ -59,6 +60,11 @@ def write_gguf(path: Path, sd: dict, params: dict, hidden_dim: int, qtypes: dict
         w.add_unk_token_id(sp.unk_id())
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
+    if vocab_from is not None:
+        for key, field in gguf.GGUFReader(vocab_from).fields.items():
+            if key.startswith("tokenizer."):
+                sub = field.types[1] if len(field.types) > 1 else None
+                w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
     w.add_vocab_size(vocab)
     seen = {}
     for name, t in sd.items():

@@ -58,8 +58,8 @@ def test_train_settings_that_cannot_be_meant(tiny_base, tmp_path, capsys, flags,
     (b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff\xfe", "output": "c"}\n', "bad.jsonl",
      "bad.jsonl:2: not UTF-8 (byte 0xff"),
     ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n' * 3, "dpo.jsonl", "preference data (chosen/rejected"),
-    ('{"text": "a document"}\n' * 3, "raw.jsonl", "raw text records {text}"),
-    ("just some prose\n", "notes.txt", "plain text (raw text for continued pretraining)"),
+    ('{"text": 5}\n' * 3, "raw.jsonl", "no usable examples"),  # raw text is data now: bad raw records
+    ("  \n", "notes.txt", "an empty text file"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', "chat.jsonl", "chat messages in OpenAI/ShareGPT form"),
 ])
 def test_train_data_errors_name_the_file_and_come_before_the_model(tiny_base, tmp_path, capsys, monkeypatch,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..api import load, tokenizer_of
+from ..api import load
 from ..device import model_device
 from ..loader import resolve_base
 from ..weights import open_weights
@@ -89,8 +89,8 @@ def export(base, adapter, fmt: str, out, dtype: str | None = None, force: bool =
     base_path = resolve_base(base)
     _check_output(out, [base_path] + ([Path(adapter)] if adapter is not None else []))
     ckpt = open_weights(base_path)
-    tok = tokenizer_of(ckpt)
     plan = plan_merge(ckpt, adapter)
+    tok = plan.tokenizer
     out.parent.mkdir(parents=True, exist_ok=True)
     for old in remove_stale_temporaries(out):
         print(f"removed {old}, left by an export that was killed", file=sys.stderr)

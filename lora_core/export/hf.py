@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from ..names import meta_to_hf_rows, name_map, rope_heads
+from ..tokenizer import write_tokenizer_files
 from .merge import MergePlan
 from .safetensors_stream import SafetensorsWriter
-from .tokenizer_files import write_tokenizer_files
 
 HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 

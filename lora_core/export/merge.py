@@ -1,7 +1,8 @@
 """Merged weights, one tensor at a time: W' = W + (alpha/r)·B·A in fp32 from the original checkpoint.
 
 The base is re-read from its own files (never from an int8 copy); modules_to_save tensors replace the
-base ones, and a tied embedding is untied when either side was trained, as in the unmerged model.
+base ones, and a tied embedding is untied when either side was trained, as in the unmerged model. An adapter
+that grew the vocabulary brings its tokenizer; embeddings it did not save grow as lora_core.vocab grows them.
 """
 from __future__ import annotations
 
@@ -12,23 +13,40 @@ from pathlib import Path
 import torch
 
 from ..adapter import Adapter, read_adapter
+from ..api import tokenizer_of
 from ..config import ModelArgs
 from ..loader import fingerprint, meta_model
 from ..lora import merged_weight
 from ..names import name_map
+from ..tokenizer import Tokenizer
+from ..vocab import base_splits, check_extends, grow_rows
 from ..weights import Weights
+
+VOCAB_ROWS = ("embed_tokens.weight", "lm_head.weight")  # the tensors with one row per token
 
 
 @dataclass
 class MergePlan:
-    """What the merged model holds: its shape, tensor names (ours) and shapes, and the LoRA updates."""
+    """What the merged model holds: its shape, tensor names (ours) and shapes, the LoRA updates, and its
+    tokenizer (the base's, or the adapter's extended one)."""
 
     src: Weights
     args: ModelArgs
     shapes: dict[str, tuple[int, ...]]
+    tokenizer: Tokenizer
     adapter: Adapter | None = None
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # tensor name -> (A, B)
     saved: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save weights by tensor name
+    grown: list[list[int]] | None = None  # extended vocabulary: the base ids each new token's row averages
+
+    def grow(self, tok: Tokenizer):
+        """Take on an extended tokenizer: embed_tokens and lm_head get its vocabulary's rows."""
+        self.grown = base_splits(tok, self.tokenizer)
+        self.tokenizer = tok
+        self.args.vocab_size = tok.vocab_size
+        for name in VOCAB_ROWS:
+            if name in self.shapes:
+                self.shapes[name] = (tok.vocab_size, self.args.dim)
 
     def untie(self):
         """Write lm_head as a tensor of its own even when the base shares it with the embedding."""
@@ -44,13 +62,15 @@ class MergePlan:
                 continue
             source = "embed_tokens.weight" if name == "lm_head.weight" and self.src.args.tie_embeddings else name
             w = self.src.get(source).float()
-            if tuple(w.shape) != self.shapes[name]:
+            grows = self.grown is not None and name in VOCAB_ROWS
+            want = (self.src.args.vocab_size, self.args.dim) if grows else self.shapes[name]
+            if tuple(w.shape) != want:
                 raise ValueError(f"{self.src.path}: tensor {self.src.external_name(source)} has shape "
-                                 f"{tuple(w.shape)}, the config says {self.shapes[name]}")
+                                 f"{tuple(w.shape)}, the config says {want}")
             if name in self.lora:
                 a, b = self.lora[name]
                 w = merged_weight(w, a, b, self.adapter.scale)
-            yield name, w
+            yield name, grow_rows(w, self.grown) if grows else w
 
 
 def plan_merge(src: Weights, adapter_dir: str | Path | None) -> MergePlan:
@@ -58,12 +78,14 @@ def plan_merge(src: Weights, adapter_dir: str | Path | None) -> MergePlan:
     args = ModelArgs(**src.args.to_dict())
     expected = meta_model(args).state_dict()
     shapes = {n: tuple(expected[n].shape) for n in name_map(args.n_layers, src.fmt) if n in src.names()}
-    plan = MergePlan(src, args, shapes)
+    plan = MergePlan(src, args, shapes, tokenizer_of(src))
     if adapter_dir is None:
         return plan
     adapter = read_adapter(adapter_dir, args)
     adapter.check_base(fingerprint(src.args, src.get("embed_tokens.weight")[:16]), args.vocab_size, str(src.path))
     plan.adapter = adapter
+    if adapter.tokenizer is not None:
+        plan.grow(check_extends(adapter.tokenizer, plan.tokenizer, adapter.path))
     for module, (a, b) in adapter.layers.items():
         name = module + ".weight"
         if name not in shapes:

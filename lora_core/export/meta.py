@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..names import name_map
+from ..tokenizer import write_tokenizer_files
 from .merge import MergePlan
-from .tokenizer_files import write_tokenizer_files
 
 META_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
