@@ -1,6 +1,6 @@
 """Training throughput per Chinese character, SmolLM2's own vocabulary against it extended with Chinese tokens
 mined from alpaca_zh_demo.json (python -m lora_core.vocab --mine): the same 48 records, one epoch of 6 steps
-(batch 8, micro-batch 4, cutoff 512: nothing truncated), the default int8 base, each run a fresh train.py
+(batch 8, micro-batch 4, cutoff 1024: nothing truncated), the default int8 base, each run a fresh train.py
 process, the two alternated and repeated in the same pytest run. The extended run also trains embed_tokens and
 lm_head in full (modules_to_save), as --extend-vocab does. Step 1 (warm-up) is left out of the figures.
 
@@ -24,7 +24,7 @@ RECORDS, STEPS, REPEATS = 48, 6, 2
 
 def train(data, out, *extra) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), "--data", data, "--output", out, "--batch-size", "8",
-           "--micro-batch-size", "4", "--epochs", "1", "--cutoff-len", "512", "--val-size", "0", "--warmup-steps", "1",
+           "--micro-batch-size", "4", "--epochs", "1", "--cutoff-len", "1024", "--val-size", "0", "--warmup-steps", "1",
            "--force", *map(str, extra)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
