@@ -42,7 +42,7 @@ def save_checkpoint(dirpath: Path, model, optimizer, step: int, modules_to_save,
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise DiskFull(f"{dirpath}: the disk filled up while writing the step-{step} checkpoint; nothing partial "
-                           "was kept. Free some space and run again with --resume") from e
+                           f"was kept. Free some space; {resume_hint(dirpath)}") from e
         raise
     for old in sorted(dirpath.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
