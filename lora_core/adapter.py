@@ -29,6 +29,7 @@ from .lora import apply_lora, enable_modules_to_save, lora_layers
 from .model import PROJECTIONS
 from .names import hf_to_meta_rows, meta_to_hf_rows, rope_heads
 from .tokenizer import Tokenizer, load_tokenizer, write_tokenizer_files
+from .vocab import ExtendedEmbedding
 
 PEFT_PREFIX = "base_model.model.model."
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
@@ -121,10 +122,14 @@ def _read_tensors(d: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _saved_rows(d: Path, config: dict) -> int:
-    """The most rows of an embed_tokens / lm_head saved in full, read from the safetensors header (0: none)."""
+    """The most rows of an embed_tokens / lm_head saved in full (0: none), from the safetensors header, or from
+    the tensors of a legacy .bin."""
     names = [saved_module_key(m) for m in config.get("modules_to_save") or [] if m in ("embed_tokens", "lm_head")]
-    if not names or not (d / WEIGHTS_NAME).is_file():
+    if not names:
         return 0
+    if not (d / WEIGHTS_NAME).is_file():
+        tensors = _read_tensors(d)[0]
+        return max((tensors[k].shape[0] for k in names if k in tensors), default=0)
     try:
         with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
             return max((f.get_slice(k).get_shape()[0] for k in names if k in f.keys()), default=0)
@@ -210,10 +215,7 @@ def read_adapter(adapter_dir: str | Path, args: ModelArgs) -> Adapter:
         if not torch.isfinite(weight).all():
             raise ValueError(f"{d}: {module} holds NaN or inf values; the adapter is damaged")
         saved[module] = weight.float()
-    base_vocab = extras.get("vocab_size") or args.vocab_size
-    grown = extras.get("extended_vocab_size") or max((saved[m].shape[0] for m in ("embed_tokens", "lm_head")
-                                                      if m in saved), default=0)
-    tok = _extended_tokenizer(d, grown, base_vocab) if grown > base_vocab else None
+    tok = adapter_tokenizer(d, extras.get("vocab_size") or args.vocab_size)
     return Adapter(d, r, alpha, float(config.get("lora_dropout", 0.0)), layers, saved,
                    base=extras.get("base"), fingerprint=extras.get("fingerprint"), vocab_size=extras.get("vocab_size"),
                    tokenizer=tok)
@@ -326,8 +328,6 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_name: str = "", ext
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from .vocab import ExtendedEmbedding  # imported here: python -m lora_core.vocab must find it unimported
-
     extras = dict(extras or {})
     embed = getattr(model, "embed_tokens", None)
     if isinstance(embed, ExtendedEmbedding):

@@ -14,6 +14,7 @@ from .lora import lora_layers, merged_weight
 from .model import Transformer
 from .quant import add_int8_output_head, quantize_model, quantize_on_load
 from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
+from .vocab import check_extends, resize_model
 from .weights import GGUFWeights, Weights, open_weights
 
 BASE_DTYPES = ("int8", "bf16", "fp32")
@@ -68,8 +69,6 @@ def open_base(base: str | Path = DEFAULT_BASE, tokenizer: str | Path | None = No
         return src, tokenizer_of(src, tokenizer)
     if tokenizer is not None:
         raise ValueError(f"{adapter}: the adapter carries its own (extended) tokenizer; leave the tokenizer out")
-    from .vocab import check_extends  # lazily: python -m lora_core.vocab runs that module as __main__
-
     return src, check_extends(grown, tokenizer_of(src), adapter)
 
 
@@ -103,8 +102,6 @@ def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = No
     if adapted is not None:
         adapted.check_base(base_fingerprint(model), model.args.vocab_size, label or str(src.path))
         if adapted.tokenizer is not None:  # the adapter grew the vocabulary: the model's embeddings grow with it
-            from .vocab import check_extends, resize_model
-
             base_tok = tokenizer_of(src)
             resize_model(model, check_extends(adapted.tokenizer, base_tok, adapted.path), base_tok)
         apply_adapter(model, adapted)

@@ -9,12 +9,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from .gguf_io import GGUFFile
 
 # GGUF token types (llama.cpp llama_token_type) equal SentencePiece's ModelProto.SentencePiece.Type
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+@dataclass(frozen=True)
+class Extension:
+    """What an extended tokenizer adds to its base: the ids from base_size on are new (a byte-level BPE also
+    keeps the base's base_merges merges first); `source` says where the new tokens came from."""
+
+    base_size: int
+    base_merges: int = 0
+    source: str = ""
 
 
 class Tokenizer:
@@ -26,7 +37,7 @@ class Tokenizer:
     eos_id: int | None
     pad_id: int
     add_bos: bool
-    # set on a vocabulary grown from a base's (lora_core.vocab.Extension): ids from extension.base_size on are new
+    # set on a vocabulary grown from a base's (lora_core.vocab): ids from extension.base_size on are new
     extension = None
 
     def encode(self, text: str, bos: bool | None = None, eos: bool = False) -> list[int]:

@@ -64,11 +64,26 @@ def mined(smol, zh):
 # the vocabularies
 
 
+def fewest_tokens(text: str, pieces: set[str]) -> int:
+    """The fewest tokens any SentencePiece split of text into `pieces` takes (dynamic programming over the text
+    as SentencePiece sees it: a leading space, spaces as '▁'; a character outside the pieces costs its UTF-8
+    bytes, byte fallback)."""
+    s = "\u2581" + text.replace(" ", "\u2581")
+    longest = max(map(len, pieces))
+    best = [0] + [len(s) * 4] * len(s)
+    for i in range(len(s)):
+        one = best[i] + (1 if s[i] in pieces else len(s[i].encode()))
+        best[i + 1] = min(best[i + 1], one)
+        for j in range(i + 2, min(i + longest, len(s)) + 1):
+            if s[i:j] in pieces:
+                best[j] = min(best[j], best[i] + 1)
+    return best[-1]
+
+
 def test_chinese_sp_merged_into_llama2(llama2, merged, zh, en):
     """Chinese-LLaMA's merge (49953 pieces there): chinese_sp's ordinary pieces appended once, in its order,
-    below every LLaMA-2 score, without the pieces that join digits (LLaMA-2 splits numbers digit by digit).
-    0.619 tokens/char on alpaca_zh; Chinese-LLaMA's exact recipe (digits joined too) gives 0.603 there, but
-    changes English by 1.2%, which the issue does not allow: with English unchanged 0.60 is not reached."""
+    below every LLaMA-2 score, without the pieces that join digits (LLaMA-2 splits numbers digit by digit), each
+    preceded by the prefixes BPE needs to form it. 0.614 tokens/char on alpaca_zh, English unchanged."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     base = pb.ModelProto.FromString(llama2.sp.serialized_model_proto())
@@ -78,15 +93,42 @@ def test_chinese_sp_merged_into_llama2(llama2, merged, zh, en):
     want = [p.piece for p in other.pieces if p.type == 1 and p.piece not in have and not any(map(str.isdigit, p.piece))]
     assert [(p.piece, p.score, p.type) for p in ours.pieces[:32000]] == [(p.piece, p.score, p.type)
                                                                           for p in base.pieces]
-    assert [p.piece for p in ours.pieces[32000:]] == want and len(set(want)) == len(want)
+    new = [p.piece for p in ours.pieces[32000:]]
+    assert len(set(new)) == len(new) and [p for p in new if p in set(want)] == want
+    vocab = have | set(new)
+    for i, piece in enumerate(new):
+        if piece not in set(want):  # an added prefix: of the next piece of chinese_sp, which needed it
+            nxt = next(p for p in new[i + 1:] if p in set(want))
+            assert nxt.startswith(piece) and len(piece) < len(nxt), (piece, nxt)
+        # every piece can be formed by BPE: its prefix one character shorter is a piece, or it is two pieces
+        assert len(piece) == 1 or piece[:-1] in vocab or any(
+            piece[:k] in vocab and piece[k:] in vocab for k in range(1, len(piece))), piece
     scores = [p.score for p in ours.pieces[32000:]]
     assert max(scores) < min(p.score for p in base.pieces) and all(a > b for a, b in zip(scores, scores[1:]))
-    assert (merged.vocab_size, merged.extension.base_size) == (32000 + len(want), 32000) == (49359, 32000)
+    assert merged.extension.base_size == 32000 and merged.vocab_size == 32000 + len(new) > 32000 + len(want)
     before, after = tokens_per_char(llama2, zh), tokens_per_char(merged, zh)
     en_change = tokens_per_char(merged, en) / tokens_per_char(llama2, en) - 1
     print(f"\nLLaMA-2 + chinese_sp.model: {before:.4f} -> {after:.4f} tokens/char on alpaca_zh ({before / after:.2f}x "
           f"fewer); English {en_change:+.3%}")
-    assert before == pytest.approx(1.28, abs=0.005) and after < 0.62 and abs(en_change) < 0.01
+    assert before == pytest.approx(1.28, abs=0.005) and after < 0.615 and abs(en_change) < 0.001
+    # no tokenizer made of these pieces can do much better: the fewest tokens a split needs is above 0.60
+    normal = {p.piece for p in ours.pieces if p.type == 1}
+    bound = sum(fewest_tokens(t, normal) for t in zh) / sum(map(len, zh))
+    print(f"fewest tokens/char any split into these pieces needs: {bound:.4f}")
+    assert 0.60 < bound <= after < bound * 1.01
+
+
+def test_chinese_sp_merged_with_its_digit_pieces(llama2, zh, en):
+    """Chinese-LLaMA's choice, kept digit pieces (python -m lora_core.vocab --keep-digit-pieces): at most 0.60
+    tokens/char on alpaca_zh, the issue's figure; numbers then split differently in English text as well (fewer
+    tokens there too), which is why it is not the default."""
+    merged = extend(llama2, str(need_shared(TOKENIZERS / "chinese_sp.model")), digit_pieces=True)
+    assert any(c.isdigit() for i in range(32000, merged.vocab_size) for c in merged.piece(i))
+    after = tokens_per_char(merged, zh)
+    en_change = tokens_per_char(merged, en) / tokens_per_char(llama2, en) - 1
+    print(f"\nwith digit pieces: {after:.4f} tokens/char on alpaca_zh; English {en_change:+.3%}")
+    assert after <= 0.60 and en_change < -0.01
+    assert merged.encode("1949年", bos=False) != llama2.encode("1949年", bos=False)
 
 
 def test_mined_smollm2_vocabulary(smol, mined, zh, en):
@@ -383,7 +425,7 @@ def test_training_moves_the_new_rows_and_resume_keeps_the_vocabulary(work, sp_ba
     emb = load_file(str(full / "adapter_model.safetensors"))["base_model.model.model.embed_tokens.weight"]
     loaded, base_tok = lora_core.load(sp_base)
     trained, _ = lora_core.load(sp_base, adapter=full)
-    assert emb.shape[0] == 49359 and torch.equal(trained.embed_tokens.weight, emb)  # load() applies what was trained
+    assert emb.shape[0] == 49801 and torch.equal(trained.embed_tokens.weight, emb)  # load() applies what was trained
     _, grown = lora_core.open_base(sp_base, adapter=full)
     resize_model(loaded, grown, base_tok)
     moved = (emb[32000:] - loaded.embed_tokens.weight[32000:]).abs().amax(1) > 0
@@ -395,13 +437,13 @@ def test_training_moves_the_new_rows_and_resume_keeps_the_vocabulary(work, sp_ba
 
 
 def test_vocab_command_writes_a_tokenizer_train_reuses(work, sp_base, capsys):
-    from lora_core.vocab import main
+    from lora_core.vocab.cli import main
 
     out = work / "zh-vocab"
     code, printed, err = run_cli(main, ["--base", sp_base, "--merge", TOKENIZERS / "chinese_sp.model", "--out", out,
                                         "--measure", DATA / "alpaca_zh_demo.json"], capsys)
     assert code == 0, err
-    assert "32000 -> 49359 tokens" in printed and "tokens per character: 1.280 ->" in printed
+    assert "32000 -> 49801 tokens" in printed and "tokens per character: 1.280 ->" in printed
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model", "tokenizer_config.json"]
     code, _, err = run_cli(main, ["--base", sp_base, "--merge", TOKENIZERS / "chinese_sp.model", "--out", out], capsys)
     assert code == 1 and "already exists" in err
@@ -417,7 +459,7 @@ def last_line(err: str) -> str:
 def test_vocabulary_colliding_with_special_tokens_refused(work, sp_base, tmp_path, capsys):
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    from lora_core.vocab import main
+    from lora_core.vocab.cli import main
 
     proto = pb.ModelProto.FromString((TOKENIZERS / "chinese_sp.model").read_bytes())
     proto.pieces[7].piece = "</s>"  # ordinary text in this model, LLaMA's EOS in the base
@@ -493,8 +535,8 @@ def test_smollm2_extended_trained_exported_and_answered_alike_in_llama_cpp(work,
     greedy = Sampling(0, 0, 1.0, 1.0)
     mine = generate(model, tok, ids, greedy, max_new_tokens=16, ignore_eos=True).token_ids
     code, answer, err = run_cli(generate_cli.main, ["--adapter", str(out), "--prompt", "请用一句话介绍中国的首都。",
-                                                    "--base-dtype", "fp32", "--temperature", "0", "--max-new-tokens",
-                                                    "16"], capsys)
+                                                    "--base-dtype", "fp32", "--temperature", "0",
+                                                    "--repetition-penalty", "1", "--max-new-tokens", "16"], capsys)
     assert code == 0, err
     assert answer.strip() and tok.decode(mine).strip().startswith(answer.strip())
     code, _, err = run_cli(export_cli.main, ["--adapter", str(out), "--format", "gguf", "--dtype", "f32", "--out",

@@ -41,7 +41,7 @@ def test_throughput_per_chinese_character(tmp_path):
     data = tmp_path / "zh48.json"
     data.write_text(json.dumps(short, ensure_ascii=False), encoding="utf-8")
     vocab = tmp_path / "zh-vocab"
-    from lora_core.vocab import main
+    from lora_core.vocab.cli import main
 
     assert main(["--mine", str(DATA / "alpaca_zh_demo.json"), "--out", str(vocab)]) == 0
     chars = sum(is_cjk(c) for r in short for k in ("instruction", "input", "output") for c in r[k])
