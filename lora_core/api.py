@@ -9,6 +9,7 @@ from torch import nn
 
 from .adapter import adapter_extras, adapter_tokenizer, apply_adapter, read_adapter
 from .device import pick_device
+from .int4 import quantize_int4_on_load, quantize_model_int4
 from .loader import DEFAULT_BASE, base_fingerprint, load_model, parse_dtype, resolve_base
 from .lora import lora_layers, merged_weight
 from .model import Transformer
@@ -17,7 +18,8 @@ from .tokenizer import Tokenizer, load_tokenizer, tokenizer_from_gguf
 from .vocab import check_extends, resize_model
 from .weights import GGUFWeights, Weights, open_weights
 
-BASE_DTYPES = ("int8", "bf16", "fp32")
+BASE_DTYPES = ("int8", "int4", "bf16", "fp32")
+QUANTIZED = ("int8", "int4")  # loaded in fp32, projections quantized as they arrive (or after a merge)
 
 
 def base_of(base: str | Path | None, adapter: str | Path | None) -> str | Path:
@@ -26,9 +28,12 @@ def base_of(base: str | Path | None, adapter: str | Path | None) -> str | Path:
     return base or (adapter_extras(adapter).get("base") if adapter else None) or DEFAULT_BASE
 
 
-def check_base_dtype(dtype: str):
+def check_base_dtype(dtype: str, training: bool = False):
     """The one message for an unknown base dtype, from the API and from every CLI (--base-dtype)."""
-    if dtype == "int8":
+    if dtype == "int4" and training:
+        raise ValueError("base dtype 'int4' is for generation only (its kernel has no backward pass); train with "
+                         "--base-dtype int8, bf16 or fp32")
+    if dtype in QUANTIZED:
         return
     try:
         parse_dtype(dtype)
@@ -87,16 +92,21 @@ def fold_adapter(model: Transformer):
 def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = None,
               device: str | torch.device = "cpu", progress: bool = False, label: str | None = None,
               merge: bool = False) -> Transformer:
-    """The model in `src`: int8 quantizes the seven projections of every block while loading (the rest stays
-    fp32); `adapter` applies a PEFT-format LoRA adapter after checking it belongs to this base, unmerged, or with
-    `merge` folded into the float weights before any quantization (an int8 base then loads in fp32 first)."""
+    """The model in `src`: int8 (int4: group-wise 4-bit, CPU only, for generation) quantizes the seven projections
+    of every block while loading (the rest stays fp32, with an int8 copy of lm_head for decoding); `adapter`
+    applies a PEFT-format LoRA adapter after checking it belongs to this base, unmerged, or with `merge` folded
+    into the float weights before any quantization (a quantized base then loads in fp32 first)."""
     check_base_dtype(dtype)
     if merge and adapter is None:
         raise ValueError("--merge folds an adapter into the base weights: give --adapter too, or drop --merge")
     device = pick_device(device) if isinstance(device, str) else device
+    if dtype == "int4" and device.type != "cpu":
+        raise ValueError(f"base dtype 'int4' runs on the CPU only (torch's int4 CPU kernel); on {device} use "
+                         "--base-dtype int8 or --device cpu")
     adapted = read_adapter(adapter, src.args) if adapter is not None else None  # a bad adapter fails before a load
-    if dtype == "int8":
-        model = load_model(src, "fp32", hook=None if merge else quantize_on_load, progress=progress)
+    if dtype in QUANTIZED:
+        hook = {"int8": quantize_on_load, "int4": quantize_int4_on_load}[dtype]
+        model = load_model(src, "fp32", hook=None if merge else hook, progress=progress)
     else:
         model = load_model(src, dtype, progress=progress)
     if adapted is not None:
@@ -109,7 +119,9 @@ def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = No
         fold_adapter(model)
         if dtype == "int8":
             quantize_model(model)
-    if dtype == "int8":
+        elif dtype == "int4":
+            quantize_model_int4(model)
+    if dtype in QUANTIZED:
         add_int8_output_head(model)
     return model.to(device)
 
@@ -119,10 +131,10 @@ def load(base: str | Path = DEFAULT_BASE, dtype: str = "fp32", tokenizer: str | 
          device: str | torch.device = "cpu", merge: bool = False) -> tuple[Transformer, Tokenizer]:
     """Model and tokenizer from a directory (Meta or HF layout), a .gguf file or an embedded base name.
 
-    dtype "int8" quantizes the seven projection layers of every block while loading (the rest stays
-    fp32); `adapter` applies a PEFT-format LoRA adapter on top, unmerged, or merged into the base with `merge`
-    (with the adapter's own tokenizer and grown embeddings when it extended the vocabulary). The weights are
-    read on the CPU, then moved to `device` ("auto": CUDA when present).
+    dtype "int8" ("int4": group-wise 4-bit, CPU only, generation only) quantizes the seven projection layers of
+    every block while loading (the rest stays fp32); `adapter` applies a PEFT-format LoRA adapter on top,
+    unmerged, or merged into the base with `merge` (with the adapter's own tokenizer and grown embeddings when it
+    extended the vocabulary). The weights are read on the CPU, then moved to `device` ("auto": CUDA when present).
     """
     src, tok = open_base(base, tokenizer, adapter)
     return load_from(src, dtype, adapter, device, progress, label=str(base), merge=merge), tok

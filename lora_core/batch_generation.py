@@ -10,8 +10,9 @@ import time
 import torch
 
 from .device import autocast
+from .fast_decode import decoder_of
 from .generation import Generated, TextStopper, output_head
-from .model import KVCache, Transformer
+from .model import Transformer
 from .sampling import Sampling, next_token
 
 
@@ -58,9 +59,10 @@ class _Row:
 @torch.inference_mode()
 def generate_batch(model: Transformer, tok, prompts: list[list[int]], sampling: Sampling | None = None,
                    max_new_tokens: int = 256, stop: tuple[str, ...] = (), seed: int | None = None,
-                   ignore_eos: bool = False) -> list[Generated]:
+                   ignore_eos: bool = False, compile: bool = False) -> list[Generated]:
     """generate() for several prompts at once; results in the prompts' order. Rows that are done keep riding
-    along (their tokens are ignored) until every row is done. prefill_s and decode_s are the batch's."""
+    along (their tokens are ignored) until every row is done. prefill_s and decode_s are the batch's; compile
+    as generate()'s (one graph per batch size)."""
     sampling = sampling or Sampling()
     context = model.args.max_seq_len
     for i, p in enumerate(prompts):
@@ -75,16 +77,14 @@ def generate_batch(model: Transformer, tok, prompts: list[list[int]], sampling: 
     device = weight.device
     tokens, mask, positions = (t.to(device) for t in left_pad(prompts, tok.pad_id))
     B = len(prompts)
-    cache = KVCache(model.args, B, T + max_new_tokens, weight.dtype, device)
+    decoder = decoder_of(model, output_head(model), compile)
+    decoder.begin(B, T + max_new_tokens)
+    compile_before = decoder.stats.compile_s
     rows = [_Row(tok, p, tuple(s for s in stop if s), model.args.vocab_size, seed, device) for p in prompts]
-    head = output_head(model)
-
-    def step(tokens, mask, positions) -> torch.Tensor:  # fp32 logits (B, vocab) of each row's last position
-        with autocast(device):
-            return head(model.hidden(tokens, mask, cache, positions)[:, -1]).float()
 
     t0 = time.perf_counter()
-    logits = step(tokens, mask, positions)
+    with autocast(device):
+        logits = decoder.prefill(tokens, mask, positions)  # fp32 (B, vocab) of each row's last position
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     last = positions[:, -1:]  # (B, 1)
@@ -100,16 +100,17 @@ def generate_batch(model: Transformer, tok, prompts: list[list[int]], sampling: 
             nxt.append(token)
         if all(row.reason for row in rows) or i + 1 == max_new_tokens:
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # (B, S + 1)
         last = last + 1
-        logits = step(torch.tensor(nxt, device=device)[:, None], mask, last)
+        with autocast(device):
+            logits = decoder.step(torch.tensor(nxt, device=device)[:, None], last)
         steps += 1
         for row in rows:
             row.steps += not row.reason
-    decode_s = time.perf_counter() - t1
+    compile_s = decoder.stats.compile_s - compile_before
+    decode_s = time.perf_counter() - t1 - compile_s
     out = []
     for row, p in zip(rows, prompts):
         row.finish()
         out.append(Generated(row.stopper.text, row.new, row.reason or "length", len(p), prefill_s, row.steps,
-                             decode_s))
+                             decode_s, compile_s, decoder.want_compile))
     return out

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from .device import autocast
-from .model import KVCache, Transformer
+from .fast_decode import decoder_of
+from .model import Transformer
 from .sampling import Sampling, next_token
 
 
@@ -25,6 +26,8 @@ class Generated:
     prefill_s: float
     decode_steps: int  # one-token forward passes after the prefill
     decode_s: float
+    compile_s: float = 0.0  # torch.compile time of the decode step paid during this call (0: eager or reused)
+    compiled: bool = False  # the decode steps ran the compiled graph
 
     @property
     def decode_tok_s(self) -> float:
@@ -32,8 +35,10 @@ class Generated:
 
     def speed(self) -> str:
         prefill = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        compiled = "; compiled" + (f" (compiling took {self.compile_s:.1f} s)" if self.compile_s else "")
         return (f"prompt {self.prompt_tokens} tokens: prefill {prefill:.1f} tok/s; {len(self.token_ids)} new tokens: "
-                f"decode {self.decode_tok_s:.1f} tok/s; stopped by {self.stop_reason}")
+                f"decode {self.decode_tok_s:.1f} tok/s{compiled if self.compiled else ''}; "
+                f"stopped by {self.stop_reason}")
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -80,22 +85,17 @@ def output_head(model: Transformer):
     return model.lm_head if head is None else head
 
 
-def _next_logits(model: Transformer, head, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """fp32 logits (vocab,) of the last position only: the prompt's other positions need none."""
-    with autocast(tokens.device):
-        return head(model.hidden(tokens, cache=cache)[0, -1:]).float()[0]
-
-
 @torch.inference_mode()
 def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling | None = None,
              max_new_tokens: int = 256, stop: tuple[str, ...] = (), seed: int | None = None,
              on_text: Callable[[str], None] | None = None, ignore_eos: bool = False,
-             should_stop: Callable[[], bool] | None = None) -> Generated:
+             should_stop: Callable[[], bool] | None = None, compile: bool = False) -> Generated:
     """Continue prompt_ids; stops at EOS, at a stop string (cut off), after max_new_tokens, or when
     should_stop() says so (a stop button, a client gone: stop_reason "cancelled").
 
     on_text receives the response piece by piece as it becomes final; ignore_eos (benchmarks) runs
-    to max_new_tokens.
+    to max_new_tokens. compile runs the decode steps through torch.compile (lora_core.fast_decode; compiled
+    once per process and shape, eager when compiling fails).
     """
     sampling = sampling or Sampling()
     context = model.args.max_seq_len
@@ -106,17 +106,19 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
     max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
     weight = model.embed_tokens.weight
     device = weight.device
-    cache = KVCache(model.args, 1, len(prompt_ids) + max_new_tokens, weight.dtype, device)
+    decoder = decoder_of(model, output_head(model), compile)
+    decoder.begin(1, len(prompt_ids) + max_new_tokens)
+    compile_before = decoder.stats.compile_s
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     seen = torch.zeros(model.args.vocab_size, dtype=torch.bool, device=device)
     seen[torch.tensor(prompt_ids, device=device)] = True
-    decoder, stopper = tok.stream(), TextStopper(stop)
+    text_decoder, stopper = tok.stream(), TextStopper(stop)
     emit = on_text or (lambda _: None)
     new, reason, steps = [], "length", 0
 
-    head = output_head(model)
     t0 = time.perf_counter()
-    logits = _next_logits(model, head, torch.tensor([prompt_ids], device=device), cache)
+    with autocast(device):
+        logits = decoder.prefill(torch.tensor([prompt_ids], device=device))[0]
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
@@ -126,7 +128,7 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
             break
         new.append(nxt)
         seen[nxt] = True
-        emit(stopper.add(decoder.put(nxt)))
+        emit(stopper.add(text_decoder.put(nxt)))
         if stopper.stopped:
             reason = "stop"
             break
@@ -134,10 +136,13 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
             reason = "cancelled"
             break
         if i + 1 < max_new_tokens:
-            logits = _next_logits(model, head, torch.tensor([[nxt]], device=device), cache)
+            position = torch.tensor([[len(prompt_ids) + i]], device=device)  # (1, 1)
+            with autocast(device):
+                logits = decoder.step(torch.tensor([[nxt]], device=device), position)[0]
             steps += 1
     if not stopper.stopped:  # a character left unfinished by the last token is dropped, not shown as U+FFFD
-        emit(stopper.add(decoder.flush().rstrip("\ufffd")))
+        emit(stopper.add(text_decoder.flush().rstrip("\ufffd")))
         emit(stopper.flush())
+    compile_s = decoder.stats.compile_s - compile_before
     return Generated(stopper.text, new, reason, len(prompt_ids), prefill_s, steps,
-                     time.perf_counter() - t1)
+                     time.perf_counter() - t1 - compile_s, compile_s, decoder.want_compile)

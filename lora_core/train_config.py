@@ -101,7 +101,7 @@ class TrainConfig:
                              f"{self.micro_batch_size}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule {self.schedule!r}: choose {', '.join(SCHEDULES)}")
-        check_base_dtype(self.base_dtype)
+        check_base_dtype(self.base_dtype, training=True)
         if self.cutoff_len < 8:
             raise ValueError(f"--cutoff-len {self.cutoff_len} is too short to hold a prompt and an answer")
         if not self.data:

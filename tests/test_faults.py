@@ -42,7 +42,8 @@ def last_line(err: str) -> str:
     (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
     (["--max-steps", "-1"], "--max-steps -1: must be at least 1"),
     (["--lora-dropout", "1"], "--lora-dropout 1.0: must be in [0, 1)"),
-    (["--base-dtype", "int4"], "base dtype 'int4' is not one of int8, bf16, fp32"),
+    (["--base-dtype", "int3"], "base dtype 'int3' is not one of int8, int4, bf16, fp32"),
+    (["--base-dtype", "int4"], "base dtype 'int4' is for generation only"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such directory"),
     (["--int8-path", "fast"], "int8 path 'fast' is unknown"),
@@ -258,8 +259,8 @@ def test_adapter_with_nan_is_refused(tiny_base, saved_adapter):
 
 
 def test_api_errors_are_the_cli_lines(tiny_base, tmp_path):
-    with pytest.raises(ValueError, match=r"^base dtype 'int4' is not one of int8, bf16, fp32"):
-        lora_core.load(tiny_base, dtype="int4")
+    with pytest.raises(ValueError, match=r"^base dtype 'int3' is not one of int8, int4, bf16, fp32"):
+        lora_core.load(tiny_base, dtype="int3")
     with pytest.raises(FileNotFoundError, match="no such adapter directory"):
         lora_core.load(tiny_base, adapter=tmp_path / "missing")
 

@@ -31,7 +31,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate with a base model and an optional LoRA adapter.")
     p.add_argument("--base", default=None, help="model dir, .gguf or smollm2-135m (default: the adapter's own base)")
     p.add_argument("--adapter", default=None, help="a PEFT-format LoRA adapter directory (ours or PEFT's)")
-    p.add_argument("--base-dtype", default="int8", help="base weight precision: int8, bf16 or fp32")
+    p.add_argument("--base-dtype", default="int8", help="base weight precision: int8, int4 (group-wise 4-bit, CPU), "
+                   "bf16 or fp32")
+    p.add_argument("--compile", action="store_true", help="compile the one-token decode step with torch.compile "
+                   "(paid once per process, printed on stderr; eager if compiling fails)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the float base weights before "
                    "quantizing: decodes at the base's speed (merged int8 is close to unmerged, not bit-identical)")
     p.add_argument("--template", default=None, help="prompt template (default: the adapter's training template, "
@@ -83,6 +86,8 @@ def check_args(a: argparse.Namespace) -> list[str]:
                          "--interactive or --serve (the server's /v1/completions takes raw prompts)")
     if a.serve:
         server.check_arguments(a)
+        if a.compile:
+            raise ValueError("--compile applies to --prompt, --input-file and --interactive; --serve decodes eagerly")
     if a.batch_size < 1:
         raise ValueError(f"--batch-size {a.batch_size}: must be at least 1")
     if a.max_new_tokens < 1:
@@ -140,7 +145,8 @@ def answer_file(model, tok, template, a, sampling, stop, records: list[dict], ou
             for b in range(0, len(todo), a.batch_size):
                 batch = todo[b:b + a.batch_size]
                 ids = [tok.encode(template.prompt(r["instruction"], r.get("input") or "")) for r in batch]
-                for r, g in zip(batch, generate_batch(model, tok, ids, sampling, a.max_new_tokens, stop, a.seed)):
+                for r, g in zip(batch, generate_batch(model, tok, ids, sampling, a.max_new_tokens, stop, a.seed,
+                                                            compile=a.compile)):
                     out.add({**r, "response": g.text.strip()})
                 bar.update(len(batch))
     except KeyboardInterrupt:
@@ -176,7 +182,7 @@ def chat(model, tok, template, a, sampling, stop) -> int:
             print(f"(the oldest {conv.trimmed - trimmed} turns were dropped to fit the context)", file=sys.stderr)
         print("Assistant: ", end="", flush=True)
         g = generate(model, tok, ids, sampling, a.max_new_tokens, stop, a.seed,
-                     on_text=lambda t: print(t, end="", flush=True))
+                     on_text=lambda t: print(t, end="", flush=True), compile=a.compile)
         print()
         print(f"[{g.speed()}]", file=sys.stderr)
         conv.add(message, g.text.strip())
@@ -208,7 +214,7 @@ def main(argv=None) -> int:
             return chat(model, tok, template, a, sampling, stop)
         text = a.prompt if template is None else template.prompt(a.prompt, a.input or "")
         g = generate(model, tok, tok.encode(text), sampling, a.max_new_tokens, stop, a.seed,
-                     on_text=lambda t: print(t, end="", flush=True))
+                     on_text=lambda t: print(t, end="", flush=True), compile=a.compile)
         print()
         print(g.speed(), file=sys.stderr)
         return 0

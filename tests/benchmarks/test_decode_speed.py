@@ -1,8 +1,9 @@
-"""Decode speed, batch 1, SmolLM2-135M, 128 new tokens (greedy, EOS ignored): our fp32 / bf16 / int8
-bases, and int8 with a LoRA adapter unmerged and merged (--merge), against llama.cpp (llama-cpp-python) in
-the same run, on the shipped Q4_1 GGUF and on Q8_0 and F16 GGUFs our exporter writes from the same base.
-Medians of 3 runs; prefill of a 38-token prompt too. A second benchmark: --input-file's batches, batch 8
-against batch 1 in the same run."""
+"""Decode speed, SmolLM2-135M, 128 new tokens (greedy, EOS ignored), in one run: our fp32 / int8 / int4 bases and
+int8 with a LoRA adapter merged (--merge), each eager and compiled (--compile, lora_core.fast_decode), batch 1,
+and int8 at batch 8; against llama.cpp (llama-cpp-python) on the shipped Q4_1 GGUF and on Q8_0 and F16 GGUFs our
+exporter writes from the same base. Columns: prefill tok/s (38-token prompt), decode tok/s (batch 8: all rows'
+tokens), first-token latency (prompt in -> first token out), compile s (paid once per process and shape).
+Medians of 3 runs after a warm-up. A second benchmark: --input-file's batches, batch 8 against batch 1."""
 import statistics
 import time
 
@@ -11,7 +12,7 @@ import pytest
 from lora_core.data import ALPACA
 
 pytestmark = pytest.mark.benchmark
-NEW_TOKENS, RUNS = 128, 3
+NEW_TOKENS, RUNS, BATCH = 128, 3, 8
 PROMPT = ALPACA.prompt("Write a long story about a camel who crosses the desert.")
 
 
@@ -29,16 +30,27 @@ def random_adapter(smollm2_path, out):
     return save_adapter(model, out, str(smollm2_path))
 
 
-def ours(smollm2_path, dtype, adapter=None, merge=False):
-    import lora_core
+def ours(model, tok, compile: bool, batch: int = 1):
+    """(prefill tok/s, decode tok/s, first-token ms, compile s) of generate() / generate_batch()."""
+    from lora_core.batch_generation import generate_batch
     from lora_core.generation import generate
     from lora_core.sampling import Sampling
 
-    model, tok = lora_core.load(smollm2_path, dtype=dtype, adapter=adapter, merge=merge)
     ids = tok.encode(PROMPT)
-    generate(model, tok, ids, Sampling(0, 0, 1.0, 1.0), 8, ignore_eos=True)  # warm-up
-    runs = [generate(model, tok, ids, Sampling(0, 0, 1.0, 1.0), NEW_TOKENS, ignore_eos=True) for _ in range(RUNS)]
-    return (statistics.median(len(ids) / g.prefill_s for g in runs), statistics.median(g.decode_tok_s for g in runs))
+    greedy = Sampling(0, 0, 1.0, 1.0)
+
+    def run(n):
+        if batch == 1:
+            return generate(model, tok, ids, greedy, n, ignore_eos=True, compile=compile)
+        return generate_batch(model, tok, [ids] * batch, greedy, n, ignore_eos=True, compile=compile)[0]
+
+    warm = run(8)  # compiles here when asked to
+    runs = [run(NEW_TOKENS) for _ in range(RUNS)]
+    if compile and not warm.compiled:
+        return None
+    return (statistics.median(batch * len(ids) / g.prefill_s for g in runs),
+            statistics.median(batch * g.decode_steps / g.decode_s for g in runs),
+            statistics.median(1000 * g.prefill_s for g in runs), warm.compile_s)
 
 
 def llama_cpp_speed(path, quantized: bool, ids):
@@ -46,7 +58,7 @@ def llama_cpp_speed(path, quantized: bool, ids):
 
     extra = {"use_extra_bufts": False} if quantized else {}  # AMX weight buffers crash on quantized GGUFs here
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, **extra)
-    prefill, decode = [], []
+    prefill, decode, first = [], [], []
     for _ in range(RUNS + 1):
         llm.reset()
         t0 = time.perf_counter()
@@ -56,8 +68,9 @@ def llama_cpp_speed(path, quantized: bool, ids):
             if len(stamps) == NEW_TOKENS:
                 break
         prefill.append(len(ids) / (stamps[0] - t0))  # prompt evaluation + first token
+        first.append(1000 * (stamps[0] - t0))
         decode.append((NEW_TOKENS - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(prefill[1:]), statistics.median(decode[1:])
+    return statistics.median(prefill[1:]), statistics.median(decode[1:]), statistics.median(first[1:]), 0.0
 
 
 def test_decode_speed_vs_llama_cpp(smollm2_path, tmp_path):
@@ -67,28 +80,39 @@ def test_decode_speed_vs_llama_cpp(smollm2_path, tmp_path):
 
     _, tok = lora_core.load(smollm2_path, dtype="fp32")
     ids = tok.encode(PROMPT)
-    rows = {f"ours {d}": ours(smollm2_path, d) for d in ("fp32", "bf16", "int8")}
     adapter = random_adapter(smollm2_path, tmp_path / "adapter")
-    rows["ours int8 + adapter"] = ours(smollm2_path, "int8", adapter)
-    rows["ours int8 + adapter, --merge"] = ours(smollm2_path, "int8", adapter, merge=True)
+    configs = [("fp32", {"dtype": "fp32"}, 1), ("int8", {"dtype": "int8"}, 1), ("int4", {"dtype": "int4"}, 1),
+               ("int8 + adapter, --merge", {"dtype": "int8", "adapter": adapter, "merge": True}, 1),
+               (f"int8, batch {BATCH}", {"dtype": "int8"}, BATCH)]
+    rows = {}
+    for name, kw, batch in configs:
+        model, _ = lora_core.load(smollm2_path, **kw)
+        for compile in (False, True):
+            r = ours(model, tok, compile, batch)
+            rows[f"ours {name}, {'compiled' if compile else 'eager'}"] = r
+        del model
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        llama = {}
         print("\nllama-cpp-python is not installed: no llama.cpp rows")
     else:
         files = {"Q4_1 (shipped)": (smollm2_path, True),
                  "Q8_0 (our export)": (export(smollm2_path, None, "gguf", tmp_path / "q8.gguf", "q8_0"), True),
                  "F16 (our export)": (export(smollm2_path, None, "gguf", tmp_path / "f16.gguf", "f16"), False)}
-        llama = {f"llama.cpp {k}": llama_cpp_speed(p, q, ids) for k, (p, q) in files.items()}
-    rows.update(llama)
-    int8 = rows["ours int8"][1]
-    print(f"\ndecode, batch 1, {NEW_TOKENS} new tokens, {len(ids)}-token prompt, 2 threads; median of {RUNS}; "
+        rows.update({f"llama.cpp {k}": llama_cpp_speed(p, q, ids) for k, (p, q) in files.items()})
+    base = "llama.cpp Q8_0 (our export)" if "llama.cpp Q8_0 (our export)" in rows else "ours int8, eager"
+    print(f"\nSmolLM2-135M, {NEW_TOKENS} new tokens, {len(ids)}-token prompt, 2 threads; median of {RUNS}; "
           f"{cpu_info.describe()}")
-    print(f"{'':28} {'prefill tok/s':>14} {'decode tok/s':>13} {'ours int8 / this':>17}")
-    for name, (prefill, decode) in rows.items():
-        print(f"{name:28} {prefill:14.1f} {decode:13.1f} {int8 / decode:17.2f}")
-    assert all(decode > 0 for _, decode in rows.values())
+    print(f"{'':36} {'prefill tok/s':>14} {'decode tok/s':>13} {'first token ms':>15} {'compile s':>10} "
+          f"{'decode / ' + base.split(' (')[0]:>24}")
+    for name, r in rows.items():
+        if r is None:
+            print(f"{name:36} torch.compile failed here: see stderr")
+            continue
+        prefill, decode, first, compile_s = r
+        print(f"{name:36} {prefill:14.1f} {decode:13.1f} {first:15.1f} {compile_s:10.1f} "
+              f"{decode / rows[base][1]:24.2f}")
+    assert all(r[1] > 0 for r in rows.values() if r is not None)
 
 
 QUESTIONS = ["Name three colours.", "Why is the sky blue?", "What is 2 + 2?", "Write a haiku about rain.",
