@@ -298,6 +298,13 @@ def forward_path(M: int) -> str:
     return plan().forward_path(M)
 
 
+def forward_forced() -> bool:
+    """Did --int8-path or the environment name the forward path (rather than measurement choosing it)?"""
+    with _lock:
+        forced = _forced if _forced is not None else (parse_spec(os.environ[ENV]) if os.environ.get(ENV) else {})
+    return "forward" in forced
+
+
 def backward_path() -> str:
     return plan().backward
 

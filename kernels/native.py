@@ -1,4 +1,5 @@
-"""Our C kernel (int8_gemv.c), compiled on first use with the machine's C compiler and called via ctypes.
+"""Our C kernels (int8_gemv.c; decode_step.c for lora_core.native_decode), compiled on first use with the
+machine's C compiler and called via ctypes.
 
 Built once per source, compiler and flags into the user cache directory (written to a temporary name,
 renamed when complete). Unavailable, with the reason, off x86-64, without AVX2/FMA or without a compiler:
@@ -38,21 +39,21 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(cc: str, flags: list[str], out: Path):
+def _build(cc: str, flags: list[str], source: Path, out: Path):
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        r = subprocess.run([cc, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cc, *flags, str(source), "-o", str(tmp)], capture_output=True, text=True, timeout=300)
         if r.returncode:
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{cc} could not build {SOURCE.name}: {last}")
+            raise RuntimeError(f"{cc} could not build {source.name}: {last}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-@functools.lru_cache(maxsize=1)
-def library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded int8_gemv library, "") or (None, why it is unavailable)."""
+@functools.cache
+def load(source: Path) -> tuple[ctypes.CDLL | None, str]:
+    """(the library built from one of our C sources, "") or (None, why it is unavailable)."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not (cpu_info.has("avx2") and cpu_info.has("fma3")):
         return None, "needs an x86-64 CPU with AVX2 and FMA"
     cc = _compiler()
@@ -63,21 +64,27 @@ def library() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"the C compiler {cc} does not run ({e})"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, version, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source.read_bytes() + " ".join([cc, version, *flags]).encode()).hexdigest()[:16]
     for folder in (cpu_info.user_cache_dir() / "native", Path(tempfile.gettempdir()) / f"lora-core-{os.getuid()}"):
-        so = folder / f"int8_gemv-{key}.so"
+        so = folder / f"{source.stem}-{key}.so"
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if not so.is_file():
-                _build(cc, flags, so)
-            lib = ctypes.CDLL(str(so))
-            break
+                _build(cc, flags, source, so)
+            return ctypes.CDLL(str(so)), ""
         except RuntimeError as e:
             return None, str(e)
         except (OSError, subprocess.SubprocessError):
             continue  # an unwritable cache directory, or a damaged build: try the next place
-    else:
-        return None, f"could not build or load {SOURCE.name} in {cpu_info.user_cache_dir() / 'native'}"
+    return None, f"could not build or load {source.name} in {cpu_info.user_cache_dir() / 'native'}"
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded int8_gemv library, "") or (None, why it is unavailable)."""
+    lib, why = load(SOURCE)
+    if lib is None:
+        return None, why
     lib.int8_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     lib.int8_gemv.restype = None
     lib.quantize_rows.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float]

@@ -112,5 +112,5 @@ def generate_batch(model: Transformer, tok, prompts: list[list[int]], sampling: 
     for row, p in zip(rows, prompts):
         row.finish()
         out.append(Generated(row.stopper.text, row.new, row.reason or "length", len(p), prefill_s, row.steps,
-                             decode_s, compile_s, decoder.want_compile))
+                             decode_s, compile_s, decoder.want_compile, decoder.native is not None))
     return out

@@ -7,6 +7,10 @@ current slot and padding masked out). So one graph serves every position and ind
 the ~2,600 small ATen ops per token of the eager step. The prompt itself is prefilled by the plain model
 (Transformer.hidden) into the same cache.
 
+An int8 model that can be read as plain int8 layers throughout decodes eagerly through our C step instead
+(lora_core.native_decode: the whole token in one call); the torch step below is the reference it is tested
+against and the path for float, int4 and unmerged-adapter models.
+
 When torch.compile is unavailable or fails (no C++ compiler, an inductor error), the same step runs eagerly
 and stderr says so in one line. Eagerly, each layer runs its own forward (the int8 dispatch of
 lora_core.kernels); compiled, int8 layers use torch's weight-only int8 kernel (or dequantize inside the
@@ -25,6 +29,7 @@ from torch import nn
 from .kernels import cpu
 from .lora import LoRALinear
 from .model import KVCache, Transformer, apply_rope
+from .native_decode import NativeStep, why_not
 from .quant import Int8Linear
 
 CACHE_BUCKET = 256  # cache positions are a multiple of this: a new graph only when a generation outgrows it
@@ -213,6 +218,9 @@ class StaticDecoder:
         self.rope = self.model.rope(self.cache.max_len, device)[:self.cache.max_len]
         self.key_valid = torch.ones(batch, self.cache.max_len, dtype=torch.bool, device=device)
         self.fused = fuse_projections(self.model) if self.fuse else None  # layers cannot change mid-generation
+        self.native = None
+        if not self.want_compile and why_not(self.model, self.head, self.fused) is None:
+            self.native = NativeStep(self.model, self.head, self.fused, self.cache, self.rope)
 
     def prefill(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,6 +235,10 @@ class StaticDecoder:
         c = self.cache
         if c.pos >= c.max_len:
             raise ValueError(f"the decode cache holds {c.max_len} positions; a step past them was asked for")
+        if self.native is not None:
+            logits = self.native(tokens, c.pos, positions, self.key_valid)
+            c.pos += 1
+            return logits
         slot = torch.tensor([c.pos], device=tokens.device)
         args = (self.model, self.head, c.k, c.v, tokens, slot, positions, self.key_valid, self.rope, self.fused)
         logits = self._compiled(args) if self.want_compile else decode_step(*args)

@@ -28,6 +28,7 @@ class Generated:
     decode_s: float
     compile_s: float = 0.0  # torch.compile time of the decode step paid during this call (0: eager or reused)
     compiled: bool = False  # the decode steps ran the compiled graph
+    native: bool = False  # the decode steps ran our C step (lora_core.native_decode)
 
     @property
     def decode_tok_s(self) -> float:
@@ -37,7 +38,8 @@ class Generated:
         prefill = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
         compiled = "; compiled" + (f" (compiling took {self.compile_s:.1f} s)" if self.compile_s else "")
         return (f"prompt {self.prompt_tokens} tokens: prefill {prefill:.1f} tok/s; {len(self.token_ids)} new tokens: "
-                f"decode {self.decode_tok_s:.1f} tok/s{compiled if self.compiled else ''}; "
+                f"decode {self.decode_tok_s:.1f} tok/s{compiled if self.compiled else ''}"
+                f"{'; native C step' if self.native else ''}; "
                 f"stopped by {self.stop_reason}")
 
 
@@ -145,4 +147,4 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
         emit(stopper.flush())
     compile_s = decoder.stats.compile_s - compile_before
     return Generated(stopper.text, new, reason, len(prompt_ids), prefill_s, steps,
-                     time.perf_counter() - t1 - compile_s, compile_s, decoder.want_compile)
+                     time.perf_counter() - t1 - compile_s, compile_s, decoder.want_compile, decoder.native is not None)
