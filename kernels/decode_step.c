@@ -82,6 +82,22 @@ static int32_t dot_vnni(const uint8_t* x, const int8_t* w, int64_t K) {  /* sum 
     return _mm512_reduce_add_epi32(_mm512_add_epi32(a0, a1));
 }
 
+/* four rows of x against one weight row (the weight read once per chunk): out[j] = sum x_j * w */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void dot4_vnni(const uint8_t* const x[4], const int8_t* w, int64_t K, int32_t out[4]) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 64) {
+        const __mmask64 m = K - k >= 64 ? ~0ULL : (1ULL << (K - k)) - 1;
+        const __m512i wv = _mm512_maskz_loadu_epi8(m, w + k);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_maskz_loadu_epi8(m, x[0] + k), wv);
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_maskz_loadu_epi8(m, x[1] + k), wv);
+        a2 = _mm512_dpbusd_epi32(a2, _mm512_maskz_loadu_epi8(m, x[2] + k), wv);
+        a3 = _mm512_dpbusd_epi32(a3, _mm512_maskz_loadu_epi8(m, x[3] + k), wv);
+    }
+    out[0] = _mm512_reduce_add_epi32(a0), out[1] = _mm512_reduce_add_epi32(a1);
+    out[2] = _mm512_reduce_add_epi32(a2), out[3] = _mm512_reduce_add_epi32(a3);
+}
+
 static int32_t dot_avx2(const int8_t* x, const int8_t* w, int64_t K) {  /* sum x * w, |x| <= 127 */
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i a0 = _mm256_setzero_si256(), a1 = a0;
@@ -108,6 +124,17 @@ static int32_t dot_avx2(const int8_t* x, const int8_t* w, int64_t K) {  /* sum x
     return sum;
 }
 
+static float dot_f32(const float* a, const float* b, int64_t n) {  /* 8 lanes, then the lanes summed */
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    float sum = _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
 /* y (M, N) (+)= x @ dequant(w (N, K), s (N,))^T; call inside a parallel region (splits the rows n) */
 static void product(const Act* a, const int8_t* w, const float* s, const int32_t* rowsum, int64_t N,
                     float* y, int accumulate, int isa) {
@@ -115,9 +142,18 @@ static void product(const Act* a, const int8_t* w, const float* s, const int32_t
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t* wr = w + n * K;
+        int32_t four[4];
         for (int64_t m = 0; m < M; m++) {
-            const int32_t acc = isa == ISA_VNNI ? dot_vnni((const uint8_t*)a->q + m * K, wr, K) - 128 * rowsum[n]
-                                                : dot_avx2(a->q + m * K, wr, K);
+            int32_t acc;
+            if (isa == ISA_VNNI && M > 1 && m % 4 == 0) {  /* rows m..m+3 at once, kept for the next three m */
+                const uint8_t* x[4];
+                for (int j = 0; j < 4; j++) x[j] = (const uint8_t*)a->q + (m + j < M ? m + j : m) * K;
+                dot4_vnni(x, wr, K, four);
+            }
+            if (isa == ISA_VNNI)
+                acc = (M > 1 ? four[m % 4] : dot_vnni((const uint8_t*)a->q + m * K, wr, K)) - 128 * rowsum[n];
+            else
+                acc = dot_avx2(a->q + m * K, wr, K);
             float v = ((float)acc * a->scale[m]) * s[n];
             if (a->n_out[m]) {
                 float o = 0.0f;
@@ -196,9 +232,7 @@ void decode_step(const int64_t* d, void* const* layers, const float* final_norm,
                 float mx = -INFINITY;
                 for (int64_t s = 0; s <= slot; s++) {
                     if (!valid[s]) continue;
-                    float dot = 0.0f;
-                    for (int64_t i = 0; i < hd; i++) dot += q[i] * kb[s * hd + i];
-                    sc[s] = dot * softmax_scale;
+                    sc[s] = dot_f32(q, kb + s * hd, hd) * softmax_scale;
                     if (sc[s] > mx) mx = sc[s];
                 }
                 float sum = 0.0f;

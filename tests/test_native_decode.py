@@ -87,12 +87,14 @@ def test_native_step_takes_outliers_out_as_torch_does():
     assert_close_int8(c, t)
 
 
-def test_native_step_on_left_padded_rows(monkeypatch):
-    """Three rows of different prompt lengths; threshold 0 (no outliers), where torch's column-wise outlier
-    choice and ours per row agree."""
+@pytest.mark.parametrize("prompts", [[[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]],
+                                     [[5, 6], [7], [8, 9, 10], [11, 12, 13, 14], [15, 16]]])  # rows in fours, + 1
+def test_native_step_on_left_padded_rows(monkeypatch, prompts):
+    """Rows of different prompt lengths; threshold 0 (no outliers), where torch's column-wise outlier choice
+    and ours per row agree."""
     monkeypatch.setattr(Int8Linear, "threshold", 0.0)
     model, head = int8_tiny(dim=72, n_heads=6, n_kv_heads=3, hidden_dim=96)
-    c, t = both_steps(model, head, [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]])
+    c, t = both_steps(model, head, prompts)
     assert_close_int8(c, t)
 
 
@@ -103,7 +105,8 @@ def test_vnni_and_avx2_kernels_agree_bit_for_bit(monkeypatch):
     runs = []
     for isa in (native_decode.ISA_VNNI, native_decode.ISA_AVX2):
         monkeypatch.setattr(native_decode, "isa", lambda isa=isa: isa)
-        runs.append(both_steps(model, head, [[5, 6, 7, 8]])[0])  # one row: torch's outlier columns are ours
+        runs.append(torch.cat([both_steps(model, head, p)[0].flatten()  # one row: torch's outlier columns are ours
+                               for p in ([[5, 6, 7, 8]], [[5, 6], [7], [8, 9, 10], [11, 12, 13, 14], [15, 16]])]))
     assert torch.equal(runs[0], runs[1])
 
 

@@ -1,6 +1,7 @@
 """Decode speed, SmolLM2-135M, 128 new tokens (greedy, EOS ignored), in one run: our fp32 / int8 / int4 bases and
 int8 with a LoRA adapter merged (--merge), each eager and compiled (--compile, lora_core.fast_decode), batch 1,
-and int8 at batch 8; against llama.cpp (llama-cpp-python) on the shipped Q4_1 GGUF and on Q8_0 and F16 GGUFs our
+and int8 at batch 8; int8 eager runs our C decode step (lora_core.native_decode), measured again with the torch
+step it replaces; against llama.cpp (llama-cpp-python) on the shipped Q4_1 GGUF and on Q8_0 and F16 GGUFs our
 exporter writes from the same base. Columns: prefill tok/s (38-token prompt), decode tok/s (batch 8: all rows'
 tokens), first-token latency (prompt in -> first token out), compile s (paid once per process and shape).
 Medians of 3 runs after a warm-up. A second benchmark: --input-file's batches, batch 8 against batch 1."""
@@ -73,8 +74,9 @@ def llama_cpp_speed(path, quantized: bool, ids):
     return statistics.median(prefill[1:]), statistics.median(decode[1:]), statistics.median(first[1:]), 0.0
 
 
-def test_decode_speed_vs_llama_cpp(smollm2_path, tmp_path):
+def test_decode_speed_vs_llama_cpp(smollm2_path, tmp_path, monkeypatch):
     import lora_core
+    from lora_core import native_decode
     from lora_core.export import export
     from lora_core.kernels import cpu_info
 
@@ -90,6 +92,10 @@ def test_decode_speed_vs_llama_cpp(smollm2_path, tmp_path):
         for compile in (False, True):
             r = ours(model, tok, compile, batch)
             rows[f"ours {name}, {'compiled' if compile else 'eager'}"] = r
+        if kw["dtype"] == "int8":  # eager above ran our C step (lora_core.native_decode): its baseline, the torch step
+            monkeypatch.setenv(native_decode.ENV, "0")
+            rows[f"ours {name}, eager, torch step"] = ours(model, tok, False, batch)
+            monkeypatch.delenv(native_decode.ENV)
         del model
     try:
         import llama_cpp  # noqa: F401
@@ -103,14 +109,14 @@ def test_decode_speed_vs_llama_cpp(smollm2_path, tmp_path):
     base = "llama.cpp Q8_0 (our export)" if "llama.cpp Q8_0 (our export)" in rows else "ours int8, eager"
     print(f"\nSmolLM2-135M, {NEW_TOKENS} new tokens, {len(ids)}-token prompt, 2 threads; median of {RUNS}; "
           f"{cpu_info.describe()}")
-    print(f"{'':36} {'prefill tok/s':>14} {'decode tok/s':>13} {'first token ms':>15} {'compile s':>10} "
+    print(f"{'':48} {'prefill tok/s':>14} {'decode tok/s':>13} {'first token ms':>15} {'compile s':>10} "
           f"{'decode / ' + base.split(' (')[0]:>24}")
     for name, r in rows.items():
         if r is None:
-            print(f"{name:36} torch.compile failed here: see stderr")
+            print(f"{name:48} torch.compile failed here: see stderr")
             continue
         prefill, decode, first, compile_s = r
-        print(f"{name:36} {prefill:14.1f} {decode:13.1f} {first:15.1f} {compile_s:10.1f} "
+        print(f"{name:48} {prefill:14.1f} {decode:13.1f} {first:15.1f} {compile_s:10.1f} "
               f"{decode / rows[base][1]:24.2f}")
     assert all(r[1] > 0 for r in rows.values() if r is not None)
 
