@@ -165,6 +165,113 @@ static void product(const Act* a, const int8_t* w, const float* s, const int32_t
     }
 }
 
+/* ---- int4 weights: groups of `group` (a multiple of 32) along K share a scale s and a minimum lo, w = q * s + lo
+ * with q in 0..15; each 32 weights are 16 bytes, byte j holding weight j in its low nibble and weight 16 + j in
+ * its high nibble (llama.cpp's Q4 layout). Activations are quantized per 32 (a scale each, and their fp32 sum
+ * for the lo term), as llama.cpp's Q8 blocks: y = sum over blocks of (s * xs) * (q . xq) + lo * sum(x). */
+
+typedef struct {
+    int64_t M, K;
+    int8_t* q;    /* (M, K) */
+    float* scale; /* (M, K/32) */
+    float* sum;   /* (M, K/32) */
+} Act4;
+
+static void quantize_blocks(const float* x, int64_t M, int64_t K, float eps, Act4* a) {
+    a->M = M, a->K = K;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / 32; b++) {
+            const float* xb = x + m * K + b * 32;
+            float amax = 0.0f, sum = 0.0f;
+            for (int i = 0; i < 32; i++) {
+                const float mag = fabsf(xb[i]);
+                if (mag > amax) amax = mag;
+                sum += xb[i];
+            }
+            if (amax < eps) amax = eps;
+            const float inv = 127.0f / amax;
+            for (int i = 0; i < 32; i++) {
+                float r = floorf(xb[i] * inv + 0.5f);
+                a->q[m * K + b * 32 + i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+            }
+            a->scale[m * (K / 32) + b] = amax / 127.0f;
+            a->sum[m * (K / 32) + b] = sum;
+        }
+}
+
+static inline __m256i nibbles(const uint8_t* w) {  /* 16 bytes -> the 32 weights 0..15 as bytes, in order */
+    const __m128i packed = _mm_loadu_si128((const __m128i*)w);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+}
+
+/* one weight row (K/2 bytes, K/group scales and minima) against one quantized activation row */
+static float dot_int4_avx2(const uint8_t* w, const float* ws, const float* wlo, int64_t group, const int8_t* x,
+                           const float* xs, const float* xsum, int64_t K) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    float lo = 0.0f;
+    for (int64_t b = 0; b < K / 32; b++) {
+        const int64_t g = b * 32 / group;
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(nibbles(w + b * 16),  /* pairs <= 2 * 15 * 127 */
+                                                                 _mm256_loadu_si256((const __m256i*)(x + b * 32))), ones);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ws[g] * xs[b]), acc);
+        lo += wlo[g] * xsum[b];
+    }
+    return hsum8(acc) + lo;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static float dot_int4_vnni(const uint8_t* w, const float* ws, const float* wlo, int64_t group, const int8_t* x,
+                           const float* xs, const float* xsum, int64_t K) {  /* the same int32 sums, one instruction */
+    __m256 acc = _mm256_setzero_ps();
+    float lo = 0.0f;
+    for (int64_t b = 0; b < K / 32; b++) {
+        const int64_t g = b * 32 / group;
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles(w + b * 16),
+                                              _mm256_loadu_si256((const __m256i*)(x + b * 32)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ws[g] * xs[b]), acc);
+        lo += wlo[g] * xsum[b];
+    }
+    return hsum8(acc) + lo;
+}
+
+/* y (M, N) (+)= x @ dequant(int4 w)^T; inside a parallel region (splits the rows n) */
+static void product_int4(const Act4* a, const uint8_t* w, const float* ws, const float* wlo, int64_t group, int64_t N,
+                         float* y, int accumulate, int isa) {
+    const int64_t M = a->M, K = a->K, G = K / group;
+    #pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t* x = a->q + m * K;
+            const float *xs = a->scale + m * (K / 32), *xsum = a->sum + m * (K / 32);
+            const float v = isa == ISA_VNNI ? dot_int4_vnni(w + n * (K / 2), ws + n * G, wlo + n * G, group, x, xs, xsum, K)
+                                            : dot_int4_avx2(w + n * (K / 2), ws + n * G, wlo + n * G, group, x, xs, xsum, K);
+            y[m * N + n] = accumulate ? y[m * N + n] + v : v;
+        }
+}
+
+static Act4 act4_alloc(int64_t M, int64_t K) {
+    return (Act4){M, K, malloc(M * K), malloc(sizeof(float) * M * (K / 32)), malloc(sizeof(float) * M * (K / 32))};
+}
+
+static void act4_free(Act4* a) { free(a->q), free(a->scale), free(a->sum); }
+
+/* Int4Linear's product for few rows (lora_core/int4.py): y (M, N) = x (M, K) @ dequant(w)^T */
+void int4_product(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* ws, const float* wlo,
+                  int64_t N, int64_t group, float* y, float eps, int64_t isa) {
+    Act4 a = act4_alloc(M, K);
+    quantize_blocks(x, M, K, eps, &a);
+    #pragma omp parallel
+    product_int4(&a, w, ws, wlo, group, N, y, 0, (int)isa);
+    act4_free(&a);
+}
+
 static void rms_norm(const float* x, const float* weight, float* out, int64_t M, int64_t D, float eps) {
     for (int64_t m = 0; m < M; m++) {
         const float* xr = x + m * D;
@@ -186,31 +293,50 @@ static void rope(float* x, const float* table, int64_t heads, int64_t hd) {  /* 
     }
 }
 
-/* h (B, dim): the new tokens' embeddings in, overwritten; logits (B, vocab) out. */
-void decode_step(const int64_t* d, void* const* layers, const float* final_norm, const int8_t* head_q,
-                 const float* head_s, const int32_t* head_sum, float* h, const int64_t* positions,
-                 const uint8_t* key_valid, const float* rope_table, float* logits, float norm_eps, float q_eps, float threshold) {
+typedef struct {  /* what the products of a step share: quantized activations and how to quantize */
+    Act a;
+    Act4 a4;
+    int isa;
+    float q_eps, threshold, norm_eps;
+} Shared;
+
+/* y (M, N) (+)= x (M, K) @ W^T for weight P = {q, scale, row sums} (kind 0: int8) or {packed, scale, lo} (kind:
+ * the int4 group size). On one thread: x RMS-normalised into `normed` first when `norm` is given, then quantized
+ * as the kind wants; then W's rows split between threads. */
+static void linear(const float* x, const float* norm, float* normed, int64_t M, int64_t K, void* const* P,
+                   int64_t kind, int64_t N, float* y, int accumulate, Shared* sh) {
+    #pragma omp single
+    {
+        if (norm) rms_norm(x, norm, normed, M, K, sh->norm_eps), x = normed;
+        if (kind) quantize_blocks(x, M, K, sh->q_eps, &sh->a4);
+        else quantize(x, M, K, sh->q_eps, sh->threshold, sh->isa, &sh->a);
+    }
+    if (kind) product_int4(&sh->a4, P[0], P[1], P[2], kind, N, y, accumulate, sh->isa);
+    else product(&sh->a, P[0], P[1], P[2], N, y, accumulate, sh->isa);
+}
+
+/* h (B, dim): the new tokens' embeddings in, overwritten; logits (B, vocab) out. kinds: per layer, the kind of
+ * q|k|v, o, gate|up and down (0 int8, else int4 with that group size); the head is int8. */
+void decode_step(const int64_t* d, void* const* layers, const int64_t* kinds, const float* final_norm,
+                 void* const* head, float* h, const int64_t* positions, const uint8_t* key_valid,
+                 const float* rope_table, float* logits, float norm_eps, float q_eps, float threshold) {
     const int64_t dim = d[DIM], nh = d[N_HEADS], nkv = d[N_KV_HEADS], hd = d[HEAD_DIM], hidden = d[HIDDEN];
-    const int64_t S = d[CACHE_LEN], B = d[BATCH], slot = d[SLOT], isa = d[ISA];
+    const int64_t S = d[CACHE_LEN], B = d[BATCH], slot = d[SLOT];
     const int64_t nqkv = (nh + 2 * nkv) * hd, kmax = hidden > nh * hd ? (hidden > dim ? hidden : dim) : nh * hd;
-    float* x = malloc(sizeof(float) * B * (dim + nqkv + nh * hd + 3 * hidden + nh * S + B * kmax));
+    float* x = malloc(sizeof(float) * B * (dim + nqkv + nh * hd + 3 * hidden + nh * S + kmax));
     float *qkv = x + B * dim, *attn = qkv + B * nqkv, *gu = attn + B * nh * hd, *act = gu + B * 2 * hidden;
     float *scores = act + B * hidden, *out_x = scores + B * nh * S;
-    Act a = {0, 0, malloc(B * kmax), malloc(sizeof(float) * B), malloc(sizeof(int32_t) * B),
-             malloc(sizeof(int32_t) * B * kmax), out_x};
+    Shared sh = {{0, 0, malloc(B * kmax), malloc(sizeof(float) * B), malloc(sizeof(int32_t) * B),
+                  malloc(sizeof(int32_t) * B * kmax), out_x}, act4_alloc(B, kmax), (int)d[ISA], q_eps, threshold, norm_eps};
     const float softmax_scale = 1.0f / sqrtf((float)hd);
     const int64_t group = nh / nkv;
     #pragma omp parallel
     {
         for (int64_t l = 0; l < d[N_LAYERS]; l++) {
             void* const* L = layers + l * PER_LAYER;
+            const int64_t* kind = kinds + 4 * l;
             float *kc = L[K_CACHE], *vc = L[V_CACHE];
-            #pragma omp single
-            {
-                rms_norm(h, L[ATTN_NORM], x, B, dim, norm_eps);
-                quantize(x, B, dim, q_eps, threshold, isa, &a);
-            }
-            product(&a, L[QKV], L[QKV_S], L[QKV_SUM], nqkv, qkv, 0, isa);
+            linear(h, L[ATTN_NORM], x, B, dim, L + QKV, kind[0], nqkv, qkv, 0, &sh);
             #pragma omp single
             for (int64_t b = 0; b < B; b++) {  /* RoPE, and the new key and value into the cache slot */
                 float* r = qkv + b * nqkv;
@@ -249,32 +375,18 @@ void decode_step(const int64_t* d, void* const* layers, const float* final_norm,
                     for (int64_t i = 0; i < hd; i++) o[i] += p * vb[s * hd + i];
                 }
             }
+            linear(attn, NULL, NULL, B, nh * hd, L + O, kind[1], dim, h, 1, &sh);
+            linear(h, L[MLP_NORM], x, B, dim, L + GATE_UP, kind[2], 2 * hidden, gu, 0, &sh);
             #pragma omp single
-            quantize(attn, B, nh * hd, q_eps, threshold, isa, &a);
-            product(&a, L[O], L[O_S], L[O_SUM], dim, h, 1, isa);
-            #pragma omp single
-            {
-                rms_norm(h, L[MLP_NORM], x, B, dim, norm_eps);
-                quantize(x, B, dim, q_eps, threshold, isa, &a);
-            }
-            product(&a, L[GATE_UP], L[GATE_UP_S], L[GATE_UP_SUM], 2 * hidden, gu, 0, isa);
-            #pragma omp single
-            {
-                for (int64_t b = 0; b < B; b++)
-                    for (int64_t i = 0; i < hidden; i++) {
-                        const float g = gu[b * 2 * hidden + i];
-                        act[b * hidden + i] = g / (1.0f + expf(-g)) * gu[b * 2 * hidden + hidden + i];
-                    }
-                quantize(act, B, hidden, q_eps, threshold, isa, &a);
-            }
-            product(&a, L[DOWN], L[DOWN_S], L[DOWN_SUM], dim, h, 1, isa);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t i = 0; i < hidden; i++) {
+                    const float g = gu[b * 2 * hidden + i];
+                    act[b * hidden + i] = g / (1.0f + expf(-g)) * gu[b * 2 * hidden + hidden + i];
+                }
+            linear(act, NULL, NULL, B, hidden, L + DOWN, kind[3], dim, h, 1, &sh);
         }
-        #pragma omp single
-        {
-            rms_norm(h, final_norm, x, B, dim, norm_eps);
-            quantize(x, B, dim, q_eps, threshold, isa, &a);
-        }
-        product(&a, head_q, head_s, head_sum, d[VOCAB], logits, 0, isa);
+        linear(h, final_norm, x, B, dim, head, 0, d[VOCAB], logits, 0, &sh);
     }
-    free(x), free(a.q), free(a.scale), free(a.n_out), free(a.out_i);
+    free(x), free(sh.a.q), free(sh.a.scale), free(sh.a.n_out), free(sh.a.out_i);
+    act4_free(&sh.a4);
 }

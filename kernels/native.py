@@ -94,6 +94,28 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     return lib, ""
 
 
+ISA_AVX2, ISA_VNNI = 1, 2  # decode_step.c's dot-product kernels
+
+
+def dot_isa() -> int:
+    """The kernel this CPU runs: AVX-512 VNNI where present, else AVX2 (every library here needs AVX2)."""
+    return ISA_VNNI if cpu_info.has("avx512_vnni") and cpu_info.has("avx512_bw") else ISA_AVX2
+
+
+@functools.lru_cache(maxsize=1)
+def decode_library() -> tuple[ctypes.CDLL | None, str]:
+    """(the decode_step.c library: the int8/int4 decode step and the int4 product, "") or (None, why not)."""
+    lib, why = load(SOURCE.with_name("decode_step.c"))
+    if lib is None:
+        return None, why
+    lib.decode_step.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_float] * 3
+    lib.decode_step.restype = None
+    lib.int4_product.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
+                                 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int64])
+    lib.int4_product.restype = None
+    return lib, ""
+
+
 def available() -> bool:
     return library()[0] is not None
 

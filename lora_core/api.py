@@ -101,7 +101,7 @@ def load_from(src: Weights, dtype: str = "fp32", adapter: str | Path | None = No
         raise ValueError("--merge folds an adapter into the base weights: give --adapter too, or drop --merge")
     device = pick_device(device) if isinstance(device, str) else device
     if dtype == "int4" and device.type != "cpu":
-        raise ValueError(f"base dtype 'int4' runs on the CPU only (torch's int4 CPU kernel); on {device} use "
+        raise ValueError(f"base dtype 'int4' runs on the CPU only (our int4 CPU kernel); on {device} use "
                          "--base-dtype int8 or --device cpu")
     adapted = read_adapter(adapter, src.args) if adapter is not None else None  # a bad adapter fails before a load
     if dtype in QUANTIZED:

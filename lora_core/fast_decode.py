@@ -14,7 +14,7 @@ against and the path for float, int4 and unmerged-adapter models.
 When torch.compile is unavailable or fails (no C++ compiler, an inductor error), the same step runs eagerly
 and stderr says so in one line. Eagerly, each layer runs its own forward (the int8 dispatch of
 lora_core.kernels); compiled, int8 layers use torch's weight-only int8 kernel (or dequantize inside the
-graph when in_features is not a multiple of 32), int4 layers their own (lora_core.int4), both traceable.
+graph when in_features is not a multiple of 32), int4 layers dequantize inside the graph.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int4 import Int4Linear
 from .kernels import cpu
 from .lora import LoRALinear
 from .model import KVCache, Transformer, apply_rope
@@ -43,6 +44,8 @@ def linear(m: nn.Module, x: torch.Tensor, traced: bool) -> torch.Tensor:
         if m.merged:
             return y
         return y + ((x.float() @ m.lora_A.t()) @ m.lora_B.t()).mul_(m.scale).to(y.dtype)  # (M, r) -> (M, N)
+    if traced and isinstance(m, Int4Linear):  # the C kernel is opaque to dynamo: dequantize inside the graph
+        return (x.float() @ m.dequantize().t()).to(x.dtype)
     if not traced or not isinstance(m, Int8Linear):
         return m(x)
     x2 = x.reshape(-1, m.in_features)  # (M, K)
@@ -67,6 +70,10 @@ class Fused:
             self.layer = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
             self.layer.weight = nn.Parameter(w, requires_grad=False)
             names = ("weight",)
+        elif type(members[0]) is Int4Linear:
+            self.layer = Int4Linear(*(torch.cat([getattr(m, n) for m in members]) for n in ("packed", "scale", "lo")),
+                                    members[0].group)
+            names = ("packed", "scale", "lo")
         else:
             self.layer = Int8Linear(torch.cat([m.qweight for m in members]), torch.cat([m.scale for m in members]))
             names = ("qweight", "scale")
@@ -82,10 +89,13 @@ class Fused:
 
     @staticmethod
     def applies(members: list[nn.Module]) -> bool:
-        """All bias-free nn.Linear of one dtype, or all bias-free Int8Linear (never an unmerged adapter)."""
+        """All bias-free nn.Linear of one dtype, all bias-free Int8Linear, or all Int4Linear of one group size
+        (never an unmerged adapter)."""
         kinds = {type(m) for m in members}
         if kinds == {nn.Linear}:
             return all(m.bias is None for m in members) and len({m.weight.dtype for m in members}) == 1
+        if kinds == {Int4Linear}:
+            return len({m.group for m in members}) == 1
         return kinds == {Int8Linear} and all(m.bias is None for m in members)
 
     def current(self, members: list[nn.Module]) -> bool:

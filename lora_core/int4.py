@@ -1,10 +1,13 @@
-"""Int4 base layers for generation: group-wise asymmetric 4-bit weights run by torch's CPU kernel
-(aten._weight_int4pack_mm_for_cpu), quantized while the checkpoint loads.
+"""Int4 base layers for generation: group-wise asymmetric 4-bit weights, quantized while the checkpoint loads,
+multiplied by our own kernel (kernels/decode_step.c).
 
-Layout and formula as gpt-fast's quantize.py (and torchao): each group of `group` consecutive input weights of
-a row has a scale s = (max - min) / 15 and a zero z = min + 8 s; q = round((w - min) / s) in 0..15 and
-w ~ (q - 8) s + z. The kernel needs out_features % 16 == 0 and in_features % group == 0; layers it cannot take
-are kept in int8 (lora_core.quant) with a one-line notice per shape.
+Each group of `group` consecutive input weights of a row has a scale s = (max - min) / 15 and a minimum lo;
+q = round((w - lo) / s) in 0..15 and w ~ q s + lo (llama.cpp's Q4_1, with fp32 s and lo). Storage: each 32
+weights of a row in 16 bytes, byte j holding weight j in its low nibble and weight 16 + j in its high nibble
+(Q4_1's layout), so the kernel widens them with one mask and one shift. Products for few rows (decoding, short
+prompts) quantize the activations per 32 (as llama.cpp's Q8 blocks) and run in C with AVX2 or AVX-512 VNNI;
+longer inputs, and machines where the C library cannot be built, dequantize a block of rows at a time and run
+an fp32 GEMM. Layers whose in_features is not a multiple of the group size stay int8 with a one-line notice.
 """
 from __future__ import annotations
 
@@ -13,50 +16,67 @@ import sys
 import torch
 from torch import nn
 
+from .kernels import native
+from .kernels.reference import EPS
 from .model import PROJECTIONS
 from .quant import Int8Linear
 
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP = 32  # llama.cpp's Q4_0 / Q4_1 block: SmolLM2's 576 features divide by 32 and 64, not 128
-N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu packs rows in blocks of 16
+KERNEL_MAX_M = 64  # rows up to which the C kernel runs (it is a few-rows kernel); above, dequantize + GEMM
+BLOCK_ROWS = 4096  # weight rows dequantized at once for the GEMM path
 _noted: set[tuple[int, int]] = set()
 
 
 def why_not_int4(out_features: int, in_features: int, group: int) -> str | None:
-    """None when the kernel takes an (out, in) weight with this group size, else why not."""
-    if out_features % N_MULTIPLE:
-        return f"out_features {out_features} is not a multiple of {N_MULTIPLE}"
+    """None when an (out, in) weight can be stored in int4 groups of this size, else why not."""
+    if group % 32 or group not in GROUP_SIZES:
+        return f"the group size {group} is not one of {', '.join(map(str, GROUP_SIZES))}"
     if in_features % group:
         return f"in_features {in_features} is not a multiple of the group size {group}"
     return None
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) float -> (q int32 (N, K) in 0..15, scale fp32 (N, K/group), zero fp32 (N, K/group))."""
+    """(N, K) float -> (q uint8 (N, K) in 0..15, scale fp32 (N, K/group), lo fp32 (N, K/group))."""
     N, K = w.shape
     g = w.detach().float().reshape(N, K // group, group)  # (N, groups, group)
     lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     scale = ((hi - lo) / 15).clamp_(min=1e-6)
-    q = ((g - lo) / scale).round_().clamp_(0, 15).to(torch.int32).reshape(N, K)
-    zero = lo + 8 * scale
-    return q, scale.squeeze(-1), zero.squeeze(-1)
+    q = ((g - lo) / scale).round_().clamp_(0, 15).to(torch.uint8).reshape(N, K)
+    return q, scale.squeeze(-1), lo.squeeze(-1)
 
 
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
-    """The plain-torch reference: (q - 8) * scale + zero per group -> (N, K) fp32."""
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group: int) -> torch.Tensor:
+    """The plain-torch reference: q * scale + lo per group -> (N, K) fp32."""
     N, K = q.shape
     g = q.reshape(N, K // group, group).float()  # (N, groups, group)
-    return ((g - 8) * scale[..., None] + zero[..., None]).reshape(N, K)
+    return (g * scale[..., None] + lo[..., None]).reshape(N, K)
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) in 0..15 -> (N, K/2) uint8: per 32 weights, weight j in the low nibble of byte j, 16 + j high."""
+    N, K = q.shape
+    blocks = q.to(torch.uint8).reshape(N, K // 32, 2, 16)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack: (N, K/2) uint8 -> q (N, K) uint8."""
+    N, half = packed.shape
+    blocks = packed.reshape(N, half // 16, 1, 16)
+    return torch.cat((blocks & 15, blocks >> 4), 2).reshape(N, 2 * half)
 
 
 class Int4Linear(nn.Module):
     """A frozen Linear with group-wise 4-bit weights (no gradient: a generation base); drop-in for nn.Linear."""
 
-    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, in_features: int, group: int):
+    def __init__(self, packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, group: int):
         super().__init__()
-        self.out_features, self.in_features, self.group = scales_zeros.shape[1], in_features, group
-        self.register_buffer("packed", packed)  # the kernel's own packing of q (N, K)
-        self.register_buffer("scales_zeros", scales_zeros)  # (K/group, N, 2) fp32: scale, zero
+        self.out_features, self.in_features, self.group = packed.shape[0], 2 * packed.shape[1], group
+        self.register_buffer("packed", packed)  # (N, K/2) uint8, see pack()
+        self.register_buffer("scale", scale)  # (N, K/group) fp32
+        self.register_buffer("lo", lo)  # (N, K/group) fp32
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group: int = DEFAULT_GROUP) -> Int4Linear:
@@ -64,20 +84,27 @@ class Int4Linear(nn.Module):
         why = why_not_int4(N, K, group)
         if why:
             raise ValueError(f"int4 weight ({N} x {K}): {why}; keep this layer in int8")
-        q, scale, zero = quantize_int4(weight, group)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8)  # inner k tiles: ignored on CPU
-        scales_zeros = torch.stack((scale, zero), -1).transpose(0, 1).contiguous()  # (K/group, N, 2)
-        return cls(packed, scales_zeros, K, group)
+        q, scale, lo = quantize_int4(weight, group)
+        return cls(pack(q), scale.contiguous(), lo.contiguous(), group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).float()  # (M, K)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scales_zeros)  # (M, N)
+        x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
+        lib = native.decode_library()[0]
+        if lib is not None and x2.shape[0] <= KERNEL_MAX_M and x2.device.type == "cpu":
+            y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+            lib.int4_product(x2.data_ptr(), x2.shape[0], self.in_features, self.packed.data_ptr(),
+                             self.scale.data_ptr(), self.lo.data_ptr(), self.out_features, self.group, y.data_ptr(),
+                             EPS, native.dot_isa())
+        else:
+            y = torch.cat([x2 @ self.dequantize(rows).t() for rows in self.row_blocks()], -1)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def dequantize(self) -> torch.Tensor:
-        """(N, K) fp32 weight the kernel multiplies by (from the packed form's scales and zeros)."""
-        eye = torch.eye(self.in_features, dtype=torch.float32, device=self.packed.device)
-        return self.forward(eye).t().contiguous()
+    def row_blocks(self) -> list[slice]:
+        return [slice(n, n + BLOCK_ROWS) for n in range(0, self.out_features, BLOCK_ROWS)]
+
+    def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
+        """(N, K) fp32 weight (or those rows), in plain torch ops (also what a compiled decode step traces)."""
+        return dequantize_int4(unpack(self.packed[rows]), self.scale[rows], self.lo[rows], self.group)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}"

@@ -1,51 +1,49 @@
-"""The int8 decode step in C (kernels/decode_step.c): every layer of one new token per row in one call.
+"""The int8 / int4 decode step in C (kernels/decode_step.c): every layer of one new token per row in one call.
 
 The eager torch step (fast_decode.decode_step) spends most of a token in ~2,600 small ATen ops around the
 weight reads; this step makes one ctypes call per token instead. StaticDecoder uses it when the model can be
-read as plain int8 layers throughout (an int8 base, no adapter or a merged one: q|k|v and gate|up fused, o, down
-and the output head int8, fp32 activations, on the CPU) and no int8 forward path is forced. Otherwise, or with
-LORA_CORE_NATIVE_DECODE=0, the torch step runs.
+read as quantized layers throughout (an int8 or int4 base, no adapter or a merged one: q|k|v and gate|up fused,
+o and down int8 or int4, the output head int8, fp32 activations, on the CPU) and no int8 forward path is forced.
+Otherwise, or with LORA_CORE_NATIVE_DECODE=0, the torch step runs.
 
-Numerics are the int_mm path's: activations quantized per row, LLM.int8 outlier features kept in fp32, except
+int4 layers compute as lora_core.int4's own kernel does (activations quantized per 32). For int8 layers the
+numerics are the int_mm path's: activations quantized per row, LLM.int8 outlier features kept in fp32, except
 that the outliers are chosen per row (torch's path chooses columns over the batch), so a row decodes the same
 alone or in a batch. The int32 products are exact, so the AVX-512 VNNI and AVX2 kernels agree bit for bit.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from .kernels import cpu_info, dispatch, native
+from .int4 import Int4Linear
+from .kernels import dispatch, native
 from .kernels.reference import EPS
 from .model import KVCache, Transformer
 from .quant import Int8Linear
 
-SOURCE = Path(native.__file__).with_name("decode_step.c")
 ENV = "LORA_CORE_NATIVE_DECODE"
-ISA_AVX2, ISA_VNNI = 1, 2
+ISA_AVX2, ISA_VNNI = native.ISA_AVX2, native.ISA_VNNI
 
 
 def isa() -> int:
-    """The dot-product kernel this CPU runs: AVX-512 VNNI where present, else AVX2 (the library needs AVX2)."""
-    return ISA_VNNI if cpu_info.has("avx512_vnni") and cpu_info.has("avx512_bw") else ISA_AVX2
+    return native.dot_isa()
 
 
-@functools.lru_cache(maxsize=1)
 def library() -> tuple[ctypes.CDLL | None, str]:
-    lib, why = native.load(SOURCE)
-    if lib is not None:
-        lib.decode_step.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_float] * 3
-        lib.decode_step.restype = None
-    return lib, why
+    return native.decode_library()
 
 
 def _int8(m: nn.Module) -> Int8Linear | None:
     return m if isinstance(m, Int8Linear) and m.bias is None and m.qweight.is_contiguous() else None
+
+
+def _readable(m: nn.Module) -> bool:
+    """A projection the step reads: bias-free int8, or int4 in groups of a multiple of 32."""
+    return _int8(m) is not None or (isinstance(m, Int4Linear) and m.group % 32 == 0)
 
 
 def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | None:
@@ -63,12 +61,12 @@ def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | No
     if model.args.n_heads % model.args.n_kv_heads:
         return "needs n_heads divisible by n_kv_heads"
     if fused is None or any(f is None for pair in fused for f in pair):
-        return "needs q|k|v and gate|up fusable (int8 layers, no unmerged adapter)"
-    layers = [f for pair in fused for f in pair] + [head]
+        return "needs q|k|v and gate|up fusable (int8 or int4 layers, no unmerged adapter)"
+    layers = [f for pair in fused for f in pair]
     layers += [m for b in model.layers for m in (b.self_attn.o_proj, b.mlp.down_proj)]
-    if any(_int8(m) is None for m in layers):
-        return "needs every projection and the output head as bias-free int8 layers"
-    if len({m.threshold for m in layers}) != 1:
+    if _int8(head) is None or not all(_readable(m) for m in layers):
+        return "needs every projection as int8 or int4 layers, and the output head int8"
+    if len({m.threshold for m in layers + [head] if isinstance(m, Int8Linear)}) != 1:
         return "needs one outlier threshold for every layer"
     return None
 
@@ -90,25 +88,34 @@ class NativeStep:
         self.model, self.cache, self.rope = model, cache, rope.contiguous()
         self.keep = []  # every tensor whose address the table holds
         ptrs = []
+        kinds = []
         for i, b in enumerate(model.layers):
             qkv, gate_up = fused[i]
+            products = (qkv, b.self_attn.o_proj, gate_up, b.mlp.down_proj)
+            kinds += [m.group if isinstance(m, Int4Linear) else 0 for m in products]
             for t in (b.input_layernorm.weight, *self._layer(qkv), *self._layer(b.self_attn.o_proj),
                       b.post_attention_layernorm.weight, *self._layer(gate_up), *self._layer(b.mlp.down_proj),
                       cache.k[i], cache.v[i]):
-                t = t.detach()
-                assert t.is_contiguous()
-                self.keep.append(t)
-                ptrs.append(t.data_ptr())
+                ptrs.append(self._address(t))
         self.table = (ctypes.c_void_p * len(ptrs))(*ptrs)
-        self.head = [t.detach() for t in self._layer(head)]
+        self.kinds = (ctypes.c_int64 * len(kinds))(*kinds)
+        self.head = (ctypes.c_void_p * 3)(*(self._address(t) for t in self._layer(head)))
         self.final_norm = model.norm.weight.detach().contiguous()
         self.threshold = float(head.threshold)
         B, _, S, _ = cache.k[0].shape
         self.dims = [a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.hidden_dim, head.out_features, S, B,
                      0, isa()]
 
+    def _address(self, t: torch.Tensor) -> int:
+        t = t.detach()
+        assert t.is_contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
+
     @staticmethod
-    def _layer(m: Int8Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _layer(m: Int8Linear | Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if isinstance(m, Int4Linear):
+            return m.packed, m.scale, m.lo
         return m.qweight, m.scale.float().contiguous(), _rowsum(m)
 
     def __call__(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor,
@@ -122,7 +129,7 @@ class NativeStep:
         valid = key_valid.to(torch.uint8).contiguous()
         self.dims[9] = slot
         dims = (ctypes.c_int64 * len(self.dims))(*self.dims)
-        lib.decode_step(dims, self.table, self.final_norm.data_ptr(), *(t.data_ptr() for t in self.head),
-                        h.data_ptr(), pos.data_ptr(), valid.data_ptr(), self.rope.data_ptr(), logits.data_ptr(),
+        lib.decode_step(dims, self.table, self.kinds, self.final_norm.data_ptr(), self.head, h.data_ptr(),
+                        pos.data_ptr(), valid.data_ptr(), self.rope.data_ptr(), logits.data_ptr(),
                         self.model.args.norm_eps, EPS, self.threshold)
         return logits
