@@ -241,19 +241,49 @@ static float dot_int4_vnni(const uint8_t* w, const float* ws, const float* wlo, 
     return hsum8(acc) + lo;
 }
 
+/* four activation rows against one int4 weight row, each 32 weights widened once: out[j] = dot_int4(x_j) */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+static void dot4_int4_vnni(const uint8_t* w, const float* ws, const float* wlo, int64_t group, const Act4* a,
+                           const int64_t rows[4], float out[4]) {
+    const int64_t K = a->K, nb = K / 32;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t g = b * 32 / group;
+        const __m256i q = nibbles(w + b * 16);
+        for (int j = 0; j < 4; j++) {
+            const int64_t m = rows[j];
+            const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q,
+                                                  _mm256_loadu_si256((const __m256i*)(a->q + m * K + b * 32)));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(ws[g] * a->scale[m * nb + b]), acc[j]);
+            lo[j] += wlo[g] * a->sum[m * nb + b];
+        }
+    }
+    for (int j = 0; j < 4; j++) out[j] = hsum8(acc[j]) + lo[j];
+}
+
 /* y (M, N) (+)= x @ dequant(int4 w)^T; inside a parallel region (splits the rows n) */
 static void product_int4(const Act4* a, const uint8_t* w, const float* ws, const float* wlo, int64_t group, int64_t N,
                          float* y, int accumulate, int isa) {
     const int64_t M = a->M, K = a->K, G = K / group;
     #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++) {
+    for (int64_t n = 0; n < N; n++) {
+        int64_t m = 0;
+        if (isa == ISA_VNNI)
+            for (; m + 4 <= M; m += 4) {
+                const int64_t rows[4] = {m, m + 1, m + 2, m + 3};
+                float v[4];
+                dot4_int4_vnni(w + n * (K / 2), ws + n * G, wlo + n * G, group, a, rows, v);
+                for (int j = 0; j < 4; j++) y[(m + j) * N + n] = accumulate ? y[(m + j) * N + n] + v[j] : v[j];
+            }
+        for (; m < M; m++) {
             const int8_t* x = a->q + m * K;
             const float *xs = a->scale + m * (K / 32), *xsum = a->sum + m * (K / 32);
             const float v = isa == ISA_VNNI ? dot_int4_vnni(w + n * (K / 2), ws + n * G, wlo + n * G, group, x, xs, xsum, K)
                                             : dot_int4_avx2(w + n * (K / 2), ws + n * G, wlo + n * G, group, x, xs, xsum, K);
             y[m * N + n] = accumulate ? y[m * N + n] + v : v;
         }
+    }
 }
 
 static Act4 act4_alloc(int64_t M, int64_t K) {
