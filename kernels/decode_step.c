@@ -37,6 +37,12 @@ typedef struct {  /* activation rows quantized for a product */
     float* out_x;    /* (M, K) their values */
 } Act;
 
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+}
+
 static void quantize(const float* x, int64_t M, int64_t K, float eps, float threshold, int isa, Act* a) {
     a->M = M, a->K = K;
     for (int64_t m = 0; m < M; m++) {
@@ -86,16 +92,28 @@ static int32_t dot_vnni(const uint8_t* x, const int8_t* w, int64_t K) {  /* sum 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void dot4_vnni(const uint8_t* const x[4], const int8_t* w, int64_t K, int32_t out[4]) {
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < K; k += 64) {
-        const __mmask64 m = K - k >= 64 ? ~0ULL : (1ULL << (K - k)) - 1;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        const __m512i wv = _mm512_loadu_si512(w + k);
+        a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(x[0] + k), wv);
+        a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(x[1] + k), wv);
+        a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(x[2] + k), wv);
+        a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(x[3] + k), wv);
+    }
+    if (k < K) {  /* the last K % 64 */
+        const __mmask64 m = (1ULL << (K - k)) - 1;
         const __m512i wv = _mm512_maskz_loadu_epi8(m, w + k);
         a0 = _mm512_dpbusd_epi32(a0, _mm512_maskz_loadu_epi8(m, x[0] + k), wv);
         a1 = _mm512_dpbusd_epi32(a1, _mm512_maskz_loadu_epi8(m, x[1] + k), wv);
         a2 = _mm512_dpbusd_epi32(a2, _mm512_maskz_loadu_epi8(m, x[2] + k), wv);
         a3 = _mm512_dpbusd_epi32(a3, _mm512_maskz_loadu_epi8(m, x[3] + k), wv);
     }
-    out[0] = _mm512_reduce_add_epi32(a0), out[1] = _mm512_reduce_add_epi32(a1);
-    out[2] = _mm512_reduce_add_epi32(a2), out[3] = _mm512_reduce_add_epi32(a3);
+    /* the four sums at once: interleave-and-add pairs, then the four 128-bit lanes */
+    const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    _mm_storeu_si128((__m128i*)out, _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
 static int32_t dot_avx2(const int8_t* x, const int8_t* w, int64_t K) {  /* sum x * w, |x| <= 127 */
@@ -124,15 +142,24 @@ static int32_t dot_avx2(const int8_t* x, const int8_t* w, int64_t K) {  /* sum x
     return sum;
 }
 
-static float dot_f32(const float* a, const float* b, int64_t n) {  /* 8 lanes, then the lanes summed */
-    __m256 acc = _mm256_setzero_ps();
+static float dot_f32(const float* a, const float* b, int64_t n) {  /* 2 x 8 lanes, then the lanes summed */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    float sum = _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), a1);
+    }
+    for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
+    float sum = hsum8(_mm256_add_ps(a0, a1));
     for (; i < n; i++) sum += a[i] * b[i];
     return sum;
+}
+
+static void axpy(float* restrict o, float p, const float* restrict v, int64_t n) {  /* o += p * v */
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+    for (; i < n; i++) o[i] += p * v[i];
 }
 
 /* y (M, N) (+)= x @ dequant(w (N, K), s (N,))^T; call inside a parallel region (splits the rows n) */
@@ -202,12 +229,6 @@ static void quantize_blocks(const float* x, int64_t M, int64_t K, float eps, Act
 static inline __m256i nibbles(const uint8_t* w) {  /* 16 bytes -> the 32 weights 0..15 as bytes, in order */
     const __m128i packed = _mm_loadu_si128((const __m128i*)w);
     return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), _mm256_set1_epi8(0x0f));
-}
-
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
 }
 
 /* one weight row (K/2 bytes, K/group scales and minima) against one quantized activation row */
@@ -323,6 +344,40 @@ static void rope(float* x, const float* table, int64_t heads, int64_t hd) {  /* 
     }
 }
 
+/* one query: o (hd) = softmax over the valid s <= last of (q . k_s) * scale, times v_s; sc: (last + 1) scratch */
+static void attend(const float* q, const float* k, const float* v, const uint8_t* valid, int64_t last, int64_t hd,
+                   float scale, float* sc, float* o) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int64_t s = 0; s <= last; s++) {
+        if (!valid[s]) continue;
+        sc[s] = dot_f32(q, k + s * hd, hd) * scale;
+        if (sc[s] > mx) mx = sc[s];
+    }
+    for (int64_t s = 0; s <= last; s++) {
+        if (!valid[s]) continue;
+        sc[s] = expf(sc[s] - mx);
+        sum += sc[s];
+    }
+    for (int64_t s = 0; s <= last; s++) sc[s] = valid[s] ? sc[s] / sum : 0.0f;
+    int64_t i0 = 0;
+    for (; i0 + 64 <= hd; i0 += 64) {  /* 64 outputs held in registers across the positions */
+        __m256 a[8];
+        for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+        for (int64_t s = 0; s <= last; s++) {
+            if (!valid[s]) continue;
+            const __m256 p = _mm256_set1_ps(sc[s]);
+            const float* vs = v + s * hd + i0;
+            for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vs + 8 * j), a[j]);
+        }
+        for (int j = 0; j < 8; j++) _mm256_storeu_ps(o + i0 + 8 * j, a[j]);
+    }
+    if (i0 < hd) {  /* head_dim % 64 */
+        for (int64_t i = i0; i < hd; i++) o[i] = 0.0f;
+        for (int64_t s = 0; s <= last; s++)
+            if (valid[s]) axpy(o + i0, sc[s], v + s * hd + i0, hd - i0);
+    }
+}
+
 typedef struct {  /* what the products of a step share: quantized activations and how to quantize */
     Act a;
     Act4 a4;
@@ -380,30 +435,8 @@ void decode_step(const int64_t* d, void* const* layers, const int64_t* kinds, co
             #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * nh; bh++) {
                 const int64_t b = bh / nh, hq = bh % nh, g = hq / group;
-                const float* q = qkv + b * nqkv + hq * hd;
-                const float* kb = kc + (b * nkv + g) * S * hd;
-                const float* vb = vc + (b * nkv + g) * S * hd;
-                const uint8_t* valid = key_valid + b * S;
-                float* sc = scores + bh * S;
-                float mx = -INFINITY;
-                for (int64_t s = 0; s <= slot; s++) {
-                    if (!valid[s]) continue;
-                    sc[s] = dot_f32(q, kb + s * hd, hd) * softmax_scale;
-                    if (sc[s] > mx) mx = sc[s];
-                }
-                float sum = 0.0f;
-                for (int64_t s = 0; s <= slot; s++) {
-                    if (!valid[s]) continue;
-                    sc[s] = expf(sc[s] - mx);
-                    sum += sc[s];
-                }
-                float* o = attn + b * nh * hd + hq * hd;
-                for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-                for (int64_t s = 0; s <= slot; s++) {
-                    if (!valid[s]) continue;
-                    const float p = sc[s] / sum;
-                    for (int64_t i = 0; i < hd; i++) o[i] += p * vb[s * hd + i];
-                }
+                attend(qkv + b * nqkv + hq * hd, kc + (b * nkv + g) * S * hd, vc + (b * nkv + g) * S * hd,
+                       key_valid + b * S, slot, hd, softmax_scale, scores + bh * S, attn + b * nh * hd + hq * hd);
             }
             linear(attn, NULL, NULL, B, nh * hd, L + O, kind[1], dim, h, 1, &sh);
             linear(h, L[MLP_NORM], x, B, dim, L + GATE_UP, kind[2], 2 * hidden, gu, 0, &sh);
