@@ -29,7 +29,6 @@ enum { DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, CACHE_LEN, B
 enum { ISA_AVX2 = 1, ISA_VNNI = 2 };
 
 typedef struct {  /* activation rows quantized for a product */
-    int64_t M, K;
     int8_t* q;       /* (M, K): int8 (AVX2) or int8 + 128 as uint8 (VNNI) */
     float* scale;    /* (M,) */
     int32_t* n_out;  /* (M,) outlier features per row */
@@ -43,34 +42,32 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
 }
 
-static void quantize(const float* x, int64_t M, int64_t K, float eps, float threshold, int isa, Act* a) {
-    a->M = M, a->K = K;
-    for (int64_t m = 0; m < M; m++) {
-        const float* xr = x + m * K;
-        int8_t* q = a->q + m * K;
-        int32_t n = 0;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; k++) {
-            const float v = xr[k], mag = fabsf(v);
-            if (threshold > 0.0f && (v > threshold || v < -threshold)) {
-                a->out_i[m * K + n] = (int32_t)k, a->out_x[m * K + n] = v, n++;
-            } else if (mag > amax) {
-                amax = mag;
-            }
+/* row m of x (M, K) into row m of a */
+static void quantize(const float* x, int64_t m, int64_t K, float eps, float threshold, int isa, Act* a) {
+    const float* xr = x + m * K;
+    int8_t* q = a->q + m * K;
+    int32_t n = 0;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        const float v = xr[k], mag = fabsf(v);
+        if (threshold > 0.0f && (v > threshold || v < -threshold)) {
+            a->out_i[m * K + n] = (int32_t)k, a->out_x[m * K + n] = v, n++;
+        } else if (mag > amax) {
+            amax = mag;
         }
-        if (amax < eps) amax = eps;
-        const float inv = 127.0f / amax;
-        int32_t j = 0;
-        for (int64_t k = 0; k < K; k++) {
-            float v = xr[k];
-            if (j < n && a->out_i[m * K + j] == k) v = 0.0f, j++;
-            float r = floorf(v * inv + 0.5f);
-            r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
-            q[k] = (int8_t)((int)r + (isa == ISA_VNNI ? 128 : 0));  /* VNNI: the uint8 x + 128 */
-        }
-        a->scale[m] = amax / 127.0f;
-        a->n_out[m] = n;
     }
+    if (amax < eps) amax = eps;
+    const float inv = 127.0f / amax;
+    int32_t j = 0;
+    for (int64_t k = 0; k < K; k++) {
+        float v = xr[k];
+        if (j < n && a->out_i[m * K + j] == k) v = 0.0f, j++;
+        float r = floorf(v * inv + 0.5f);
+        r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+        q[k] = (int8_t)((int)r + (isa == ISA_VNNI ? 128 : 0));  /* VNNI: the uint8 x + 128 */
+    }
+    a->scale[m] = amax / 127.0f;
+    a->n_out[m] = n;
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -163,9 +160,8 @@ static void axpy(float* restrict o, float p, const float* restrict v, int64_t n)
 }
 
 /* y (M, N) (+)= x @ dequant(w (N, K), s (N,))^T; call inside a parallel region (splits the rows n) */
-static void product(const Act* a, const int8_t* w, const float* s, const int32_t* rowsum, int64_t N,
-                    float* y, int accumulate, int isa) {
-    const int64_t M = a->M, K = a->K;
+static void product(const Act* a, int64_t M, int64_t K, const int8_t* w, const float* s, const int32_t* rowsum,
+                    int64_t N, float* y, int accumulate, int isa) {
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t* wr = w + n * K;
@@ -198,32 +194,29 @@ static void product(const Act* a, const int8_t* w, const float* s, const int32_t
  * for the lo term), as llama.cpp's Q8 blocks: y = sum over blocks of (s * xs) * (q . xq) + lo * sum(x). */
 
 typedef struct {
-    int64_t M, K;
     int8_t* q;    /* (M, K) */
     float* scale; /* (M, K/32) */
     float* sum;   /* (M, K/32) */
 } Act4;
 
-static void quantize_blocks(const float* x, int64_t M, int64_t K, float eps, Act4* a) {
-    a->M = M, a->K = K;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t b = 0; b < K / 32; b++) {
-            const float* xb = x + m * K + b * 32;
-            float amax = 0.0f, sum = 0.0f;
-            for (int i = 0; i < 32; i++) {
-                const float mag = fabsf(xb[i]);
-                if (mag > amax) amax = mag;
-                sum += xb[i];
-            }
-            if (amax < eps) amax = eps;
-            const float inv = 127.0f / amax;
-            for (int i = 0; i < 32; i++) {
-                float r = floorf(xb[i] * inv + 0.5f);
-                a->q[m * K + b * 32 + i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
-            }
-            a->scale[m * (K / 32) + b] = amax / 127.0f;
-            a->sum[m * (K / 32) + b] = sum;
+static void quantize_blocks(const float* x, int64_t m, int64_t K, float eps, Act4* a) {  /* row m of x (M, K) */
+    for (int64_t b = 0; b < K / 32; b++) {
+        const float* xb = x + m * K + b * 32;
+        float amax = 0.0f, sum = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const float mag = fabsf(xb[i]);
+            if (mag > amax) amax = mag;
+            sum += xb[i];
         }
+        if (amax < eps) amax = eps;
+        const float inv = 127.0f / amax;
+        for (int i = 0; i < 32; i++) {
+            float r = floorf(xb[i] * inv + 0.5f);
+            a->q[m * K + b * 32 + i] = (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+        }
+        a->scale[m * (K / 32) + b] = amax / 127.0f;
+        a->sum[m * (K / 32) + b] = sum;
+    }
 }
 
 static inline __m256i nibbles(const uint8_t* w) {  /* 16 bytes -> the 32 weights 0..15 as bytes, in order */
@@ -265,8 +258,8 @@ static float dot_int4_vnni(const uint8_t* w, const float* ws, const float* wlo, 
 /* four activation rows against one int4 weight row, each 32 weights widened once: out[j] = dot_int4(x_j) */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static void dot4_int4_vnni(const uint8_t* w, const float* ws, const float* wlo, int64_t group, const Act4* a,
-                           const int64_t rows[4], float out[4]) {
-    const int64_t K = a->K, nb = K / 32;
+                           int64_t K, const int64_t rows[4], float out[4]) {
+    const int64_t nb = K / 32;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float lo[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t b = 0; b < nb; b++) {
@@ -284,9 +277,9 @@ static void dot4_int4_vnni(const uint8_t* w, const float* ws, const float* wlo, 
 }
 
 /* y (M, N) (+)= x @ dequant(int4 w)^T; inside a parallel region (splits the rows n) */
-static void product_int4(const Act4* a, const uint8_t* w, const float* ws, const float* wlo, int64_t group, int64_t N,
-                         float* y, int accumulate, int isa) {
-    const int64_t M = a->M, K = a->K, G = K / group;
+static void product_int4(const Act4* a, int64_t M, int64_t K, const uint8_t* w, const float* ws, const float* wlo,
+                         int64_t group, int64_t N, float* y, int accumulate, int isa) {
+    const int64_t G = K / group;
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         int64_t m = 0;
@@ -294,7 +287,7 @@ static void product_int4(const Act4* a, const uint8_t* w, const float* ws, const
             for (; m + 4 <= M; m += 4) {
                 const int64_t rows[4] = {m, m + 1, m + 2, m + 3};
                 float v[4];
-                dot4_int4_vnni(w + n * (K / 2), ws + n * G, wlo + n * G, group, a, rows, v);
+                dot4_int4_vnni(w + n * (K / 2), ws + n * G, wlo + n * G, group, a, K, rows, v);
                 for (int j = 0; j < 4; j++) y[(m + j) * N + n] = accumulate ? y[(m + j) * N + n] + v[j] : v[j];
             }
         for (; m < M; m++) {
@@ -308,19 +301,25 @@ static void product_int4(const Act4* a, const uint8_t* w, const float* ws, const
 }
 
 static Act4 act4_alloc(int64_t M, int64_t K) {
-    return (Act4){M, K, malloc(M * K), malloc(sizeof(float) * M * (K / 32)), malloc(sizeof(float) * M * (K / 32))};
+    return (Act4){malloc(M * K), malloc(sizeof(float) * M * (K / 32)), malloc(sizeof(float) * M * (K / 32))};
 }
 
 static void act4_free(Act4* a) { free(a->q), free(a->scale), free(a->sum); }
 
-/* Int4Linear's product for few rows (lora_core/int4.py): y (M, N) = x (M, K) @ dequant(w)^T */
-void int4_product(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* ws, const float* wlo,
+/* Int4Linear's product for few rows (lora_core/int4.py): y (M, N) = x (M, K) @ dequant(w)^T; 0, or 1 when out
+ * of memory */
+int int4_product(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* ws, const float* wlo,
                   int64_t N, int64_t group, float* y, float eps, int64_t isa) {
     Act4 a = act4_alloc(M, K);
-    quantize_blocks(x, M, K, eps, &a);
+    if (!a.q || !a.scale || !a.sum) {
+        act4_free(&a);
+        return 1;
+    }
+    for (int64_t m = 0; m < M; m++) quantize_blocks(x, m, K, eps, &a);
     #pragma omp parallel
-    product_int4(&a, w, ws, wlo, group, N, y, 0, (int)isa);
+    product_int4(&a, M, K, w, ws, wlo, group, N, y, 0, (int)isa);
     act4_free(&a);
+    return 0;
 }
 
 static void rms_norm(const float* x, const float* weight, float* out, int64_t M, int64_t D, float eps) {
@@ -386,33 +385,43 @@ typedef struct {  /* what the products of a step share: quantized activations an
 } Shared;
 
 /* y (M, N) (+)= x (M, K) @ W^T for weight P = {q, scale, row sums} (kind 0: int8) or {packed, scale, lo} (kind:
- * the int4 group size). On one thread: x RMS-normalised into `normed` first when `norm` is given, then quantized
- * as the kind wants; then W's rows split between threads. */
+ * the int4 group size). Row by row: x RMS-normalised into `normed` first when `norm` is given, then quantized as
+ * the kind wants; then W's rows split between threads. */
 static void linear(const float* x, const float* norm, float* normed, int64_t M, int64_t K, void* const* P,
                    int64_t kind, int64_t N, float* y, int accumulate, Shared* sh) {
-    #pragma omp single
-    {
-        if (norm) rms_norm(x, norm, normed, M, K, sh->norm_eps), x = normed;
-        if (kind) quantize_blocks(x, M, K, sh->q_eps, &sh->a4);
-        else quantize(x, M, K, sh->q_eps, sh->threshold, sh->isa, &sh->a);
+    #pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) {  /* the rows split between threads */
+        const float* xm = x;
+        if (norm) rms_norm(x + m * K, norm, normed + m * K, 1, K, sh->norm_eps), xm = normed;
+        if (kind) quantize_blocks(xm, m, K, sh->q_eps, &sh->a4);
+        else quantize(xm, m, K, sh->q_eps, sh->threshold, sh->isa, &sh->a);
     }
-    if (kind) product_int4(&sh->a4, P[0], P[1], P[2], kind, N, y, accumulate, sh->isa);
-    else product(&sh->a, P[0], P[1], P[2], N, y, accumulate, sh->isa);
+    if (kind) product_int4(&sh->a4, M, K, P[0], P[1], P[2], kind, N, y, accumulate, sh->isa);
+    else product(&sh->a, M, K, P[0], P[1], P[2], N, y, accumulate, sh->isa);
 }
 
 /* h (B, dim): the new tokens' embeddings in, overwritten; logits (B, vocab) out. kinds: per layer, the kind of
- * q|k|v, o, gate|up and down (0 int8, else int4 with that group size); the head is int8. */
-void decode_step(const int64_t* d, void* const* layers, const int64_t* kinds, const float* final_norm,
+ * q|k|v, o, gate|up and down (0 int8, else int4 with that group size); the head is int8. Returns 0, or 1 when
+ * the scratch memory could not be allocated (nothing computed). */
+int decode_step(const int64_t* d, void* const* layers, const int64_t* kinds, const float* final_norm,
                  void* const* head, float* h, const int64_t* positions, const uint8_t* key_valid,
                  const float* rope_table, float* logits, float norm_eps, float q_eps, float threshold) {
     const int64_t dim = d[DIM], nh = d[N_HEADS], nkv = d[N_KV_HEADS], hd = d[HEAD_DIM], hidden = d[HIDDEN];
     const int64_t S = d[CACHE_LEN], B = d[BATCH], slot = d[SLOT];
-    const int64_t nqkv = (nh + 2 * nkv) * hd, kmax = hidden > nh * hd ? (hidden > dim ? hidden : dim) : nh * hd;
+    const int64_t nqkv = (nh + 2 * nkv) * hd, attn_dim = nh * hd;
+    const int64_t kmax = dim > attn_dim ? (dim > hidden ? dim : hidden) : (attn_dim > hidden ? attn_dim : hidden);
     float* x = malloc(sizeof(float) * B * (dim + nqkv + nh * hd + 3 * hidden + nh * S + kmax));
+    Shared sh = {{malloc(B * kmax), malloc(sizeof(float) * B), malloc(sizeof(int32_t) * B),
+                  malloc(sizeof(int32_t) * B * kmax), NULL}, act4_alloc(B, kmax), (int)d[ISA], q_eps, threshold,
+                 norm_eps};
+    if (!x || !sh.a.q || !sh.a.scale || !sh.a.n_out || !sh.a.out_i || !sh.a4.q || !sh.a4.scale || !sh.a4.sum) {
+        free(x), free(sh.a.q), free(sh.a.scale), free(sh.a.n_out), free(sh.a.out_i);
+        act4_free(&sh.a4);
+        return 1;
+    }
     float *qkv = x + B * dim, *attn = qkv + B * nqkv, *gu = attn + B * nh * hd, *act = gu + B * 2 * hidden;
-    float *scores = act + B * hidden, *out_x = scores + B * nh * S;
-    Shared sh = {{0, 0, malloc(B * kmax), malloc(sizeof(float) * B), malloc(sizeof(int32_t) * B),
-                  malloc(sizeof(int32_t) * B * kmax), out_x}, act4_alloc(B, kmax), (int)d[ISA], q_eps, threshold, norm_eps};
+    float* scores = act + B * hidden;
+    sh.a.out_x = scores + B * nh * S;
     const float softmax_scale = 1.0f / sqrtf((float)hd);
     const int64_t group = nh / nkv;
     #pragma omp parallel
@@ -440,16 +449,17 @@ void decode_step(const int64_t* d, void* const* layers, const int64_t* kinds, co
             }
             linear(attn, NULL, NULL, B, nh * hd, L + O, kind[1], dim, h, 1, &sh);
             linear(h, L[MLP_NORM], x, B, dim, L + GATE_UP, kind[2], 2 * hidden, gu, 0, &sh);
-            #pragma omp single
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t i = 0; i < hidden; i++) {
-                    const float g = gu[b * 2 * hidden + i];
-                    act[b * hidden + i] = g / (1.0f + expf(-g)) * gu[b * 2 * hidden + hidden + i];
-                }
+            #pragma omp for schedule(static)
+            for (int64_t bi = 0; bi < B * hidden; bi++) {
+                const int64_t b = bi / hidden, i = bi % hidden;
+                const float g = gu[b * 2 * hidden + i];
+                act[bi] = g / (1.0f + expf(-g)) * gu[b * 2 * hidden + hidden + i];
+            }
             linear(act, NULL, NULL, B, hidden, L + DOWN, kind[3], dim, h, 1, &sh);
         }
         linear(h, final_norm, x, B, dim, head, 0, d[VOCAB], logits, 0, &sh);
     }
     free(x), free(sh.a.q), free(sh.a.scale), free(sh.a.n_out), free(sh.a.out_i);
     act4_free(&sh.a4);
+    return 0;
 }

@@ -99,7 +99,8 @@ ISA_AVX2, ISA_VNNI = 1, 2  # decode_step.c's dot-product kernels
 
 def dot_isa() -> int:
     """The kernel this CPU runs: AVX-512 VNNI where present, else AVX2 (every library here needs AVX2)."""
-    return ISA_VNNI if cpu_info.has("avx512_vnni") and cpu_info.has("avx512_bw") else ISA_AVX2
+    vnni = all(cpu_info.has(f) for f in ("avx512_vnni", "avx512_bw", "avx512_vl"))
+    return ISA_VNNI if vnni else ISA_AVX2
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,10 +110,10 @@ def decode_library() -> tuple[ctypes.CDLL | None, str]:
     if lib is None:
         return None, why
     lib.decode_step.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_float] * 3
-    lib.decode_step.restype = None
+    lib.decode_step.restype = ctypes.c_int
     lib.int4_product.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
                                  + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int64])
-    lib.int4_product.restype = None
+    lib.int4_product.restype = ctypes.c_int
     return lib, ""
 
 

@@ -7,9 +7,9 @@ current slot and padding masked out). So one graph serves every position and ind
 the ~2,600 small ATen ops per token of the eager step. The prompt itself is prefilled by the plain model
 (Transformer.hidden) into the same cache.
 
-An int8 model that can be read as plain int8 layers throughout decodes eagerly through our C step instead
-(lora_core.native_decode: the whole token in one call); the torch step below is the reference it is tested
-against and the path for float, int4 and unmerged-adapter models.
+An int8 or int4 model that can be read as plain quantized layers throughout decodes eagerly through our C step
+instead (lora_core.native_decode: the whole token in one call); the torch step below is the reference it is
+tested against and the path for float and unmerged-adapter models.
 
 When torch.compile is unavailable or fails (no C++ compiler, an inductor error), the same step runs eagerly
 and stderr says so in one line. Eagerly, each layer runs its own forward (the int8 dispatch of

@@ -90,21 +90,28 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float().contiguous()  # (M, K)
         lib = native.decode_library()[0]
-        if lib is not None and x2.shape[0] <= KERNEL_MAX_M and x2.device.type == "cpu":
+        if lib is not None and x2.shape[0] <= KERNEL_MAX_M and x2.device.type == "cpu" and self.kernel_ready():
             y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
-            lib.int4_product(x2.data_ptr(), x2.shape[0], self.in_features, self.packed.data_ptr(),
-                             self.scale.data_ptr(), self.lo.data_ptr(), self.out_features, self.group, y.data_ptr(),
-                             EPS, native.dot_isa())
+            if lib.int4_product(x2.data_ptr(), x2.shape[0], self.in_features, self.packed.data_ptr(),
+                                self.scale.data_ptr(), self.lo.data_ptr(), self.out_features, self.group,
+                                y.data_ptr(), EPS, native.dot_isa()):
+                raise MemoryError(f"the int4 kernel could not allocate {x2.shape[0]} x {self.in_features} "
+                                  "quantized activations")
         else:
             y = torch.cat([x2 @ self.dequantize(rows).t() for rows in self.row_blocks()], -1)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def kernel_ready(self) -> bool:
+        """Are the buffers as the C kernel reads them (after a .to(dtype), scale and lo may not be)?"""
+        return (self.packed.dtype == torch.uint8 and self.scale.dtype == self.lo.dtype == torch.float32
+                and all(t.is_contiguous() and t.device.type == "cpu" for t in (self.packed, self.scale, self.lo)))
 
     def row_blocks(self) -> list[slice]:
         return [slice(n, n + BLOCK_ROWS) for n in range(0, self.out_features, BLOCK_ROWS)]
 
     def dequantize(self, rows: slice = slice(None)) -> torch.Tensor:
         """(N, K) fp32 weight (or those rows), in plain torch ops (also what a compiled decode step traces)."""
-        return dequantize_int4(unpack(self.packed[rows]), self.scale[rows], self.lo[rows], self.group)
+        return dequantize_int4(unpack(self.packed[rows]), self.scale[rows].float(), self.lo[rows].float(), self.group)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}"

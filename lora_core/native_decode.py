@@ -42,8 +42,9 @@ def _int8(m: nn.Module) -> Int8Linear | None:
 
 
 def _readable(m: nn.Module) -> bool:
-    """A projection the step reads: bias-free int8, or int4 in groups of a multiple of 32."""
-    return _int8(m) is not None or (isinstance(m, Int4Linear) and m.group % 32 == 0)
+    """A projection the step reads: bias-free int8, or int4 in groups of a multiple of 32 with its own dtypes."""
+    return _int8(m) is not None or (isinstance(m, Int4Linear) and m.group > 0 and m.group % 32 == 0
+                                    and m.kernel_ready())
 
 
 def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | None:
@@ -58,6 +59,10 @@ def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | No
     w = model.embed_tokens.weight
     if w.device.type != "cpu" or w.dtype != torch.float32:
         return f"needs fp32 activations on the CPU, not {w.dtype} on {w.device}"
+    norms = [model.norm.weight] + [n.weight for b in model.layers for n in (b.input_layernorm,
+                                                                             b.post_attention_layernorm)]
+    if any(n.dtype != torch.float32 or n.device.type != "cpu" for n in norms):
+        return "needs fp32 RMSNorm weights on the CPU"
     if model.args.n_heads % model.args.n_kv_heads:
         return "needs n_heads divisible by n_kv_heads"
     if fused is None or any(f is None for pair in fused for f in pair):
@@ -72,10 +77,12 @@ def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | No
 
 
 def _rowsum(m: Int8Linear) -> torch.Tensor:
-    """The int32 sum of each weight row (the VNNI kernel's correction for x + 128), kept on the layer."""
+    """The int32 sum of each weight row (the VNNI kernel's correction for x + 128), kept on the layer until its
+    weight is replaced or written in place."""
+    key = (m.qweight.data_ptr(), m.qweight._version)
     kept = getattr(m, "_native_rowsum", None)
-    if kept is None or kept[0] != m.qweight.data_ptr():
-        kept = (m.qweight.data_ptr(), m.qweight.sum(1, dtype=torch.int32))
+    if kept is None or kept[0] != key:
+        kept = (key, m.qweight.sum(1, dtype=torch.int32))
         m._native_rowsum = kept
     return kept[1]
 
@@ -122,14 +129,21 @@ class NativeStep:
                  key_valid: torch.Tensor) -> torch.Tensor:
         """tokens (B, 1) at RoPE positions (B, 1), written at cache slot `slot` -> fp32 logits (B, vocab)."""
         lib = library()[0]
-        B = tokens.shape[0]
+        B, S = self.dims[8], self.dims[7]
+        if tokens.numel() != B or positions.numel() != B or key_valid.shape != (B, S) or not 0 <= slot < S:
+            raise ValueError(f"the C decode step holds a cache of {B} rows x {S} positions; got tokens "
+                             f"{tuple(tokens.shape)}, positions {tuple(positions.shape)}, key_valid "
+                             f"{tuple(key_valid.shape)}, slot {slot}")
+        pos = positions.reshape(B).to(torch.int64).contiguous()
+        if int(pos.min()) < 0 or int(pos.max()) >= self.rope.shape[0]:
+            raise ValueError(f"RoPE positions must lie in 0..{self.rope.shape[0] - 1}; got {pos.tolist()}")
         h = self.model.embed_tokens(tokens.reshape(B)).float().contiguous()  # (B, dim), overwritten
         logits = torch.empty(B, self.dims[6], dtype=torch.float32)
-        pos = positions.reshape(B).to(torch.int64).contiguous()
         valid = key_valid.to(torch.uint8).contiguous()
         self.dims[9] = slot
         dims = (ctypes.c_int64 * len(self.dims))(*self.dims)
-        lib.decode_step(dims, self.table, self.kinds, self.final_norm.data_ptr(), self.head, h.data_ptr(),
-                        pos.data_ptr(), valid.data_ptr(), self.rope.data_ptr(), logits.data_ptr(),
-                        self.model.args.norm_eps, EPS, self.threshold)
+        if lib.decode_step(dims, self.table, self.kinds, self.final_norm.data_ptr(), self.head, h.data_ptr(),
+                           pos.data_ptr(), valid.data_ptr(), self.rope.data_ptr(), logits.data_ptr(),
+                           self.model.args.norm_eps, EPS, self.threshold):
+            raise MemoryError("the C decode step could not allocate its scratch memory")
         return logits

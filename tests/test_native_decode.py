@@ -72,9 +72,10 @@ def assert_close_int8(c, t, median=0.01):
 
 
 @pytest.mark.parametrize("dim,n_heads,n_kv_heads,hidden", [(48, 6, 2, 80), (72, 4, 4, 200), (100, 5, 1, 130),
-                                                           (128, 8, 2, 256)])
+                                                           (128, 8, 2, 256), (128, 2, 1, 96), (160, 2, 1, 200)])
 def test_native_step_equals_torch_step(dim, n_heads, n_kv_heads, hidden):
-    """Odd widths (K not a multiple of 32 or 64: the kernels' tails), MHA, GQA and MQA, one row."""
+    """Odd widths (K not a multiple of 32 or 64: the kernels' tails), MHA, GQA and MQA, head_dim 64 and 80 (the
+    attention's 64-wide register path and its remainder), one row."""
     model, head = int8_tiny(dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden)
     c, t = both_steps(model, head, [[5, 6, 7, 8]])
     assert_close_int8(c, t)
@@ -193,3 +194,27 @@ def test_when_the_torch_step_runs(monkeypatch):
     d.begin(1, 4)
     assert d.native is None
     assert "adapter" in native_decode.why_not(model, head, d.fused)
+
+
+def test_row_sums_follow_weights_written_in_place():
+    """The VNNI kernel's x + 128 correction uses each weight row's sum, kept on the layer: a weight written in
+    place (load_state_dict, copy_) keeps its address, so the kept sum must notice the write."""
+    _, head = int8_tiny()
+    first = native_decode._rowsum(head).clone()
+    with torch.no_grad():
+        head.qweight.neg_()
+    assert torch.equal(native_decode._rowsum(head), -first)
+
+
+def test_native_step_refuses_what_its_cache_cannot_hold():
+    model, head = int8_tiny()
+    d = StaticDecoder(model, head)
+    with torch.no_grad():
+        d.begin(1, 6)
+        d.prefill(torch.tensor([[5, 6, 7]]))
+        with pytest.raises(ValueError, match="holds a cache of 1 rows"):
+            d.native(torch.tensor([[8], [9]]), 3, torch.tensor([[3], [3]]), d.key_valid)
+        with pytest.raises(ValueError, match="RoPE positions must lie in"):
+            d.native(torch.tensor([[8]]), 3, torch.tensor([[10_000]]), d.key_valid)
+        with pytest.raises(ValueError, match="slot 256"):
+            d.native(torch.tensor([[8]]), 256, torch.tensor([[3]]), d.key_valid)
