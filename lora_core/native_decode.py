@@ -79,7 +79,10 @@ def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | No
 def _rowsum(m: Int8Linear) -> torch.Tensor:
     """The int32 sum of each weight row (the VNNI kernel's correction for x + 128), kept on the layer until its
     weight is replaced or written in place."""
-    key = (m.qweight.data_ptr(), m.qweight._version)
+    try:
+        key = (m.qweight.data_ptr(), m.qweight._version)
+    except RuntimeError:  # a tensor made under torch.inference_mode keeps no version counter
+        key = (m.qweight.data_ptr(), None)
     kept = getattr(m, "_native_rowsum", None)
     if kept is None or kept[0] != key:
         kept = (key, m.qweight.sum(1, dtype=torch.int32))

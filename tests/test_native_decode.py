@@ -204,6 +204,9 @@ def test_row_sums_follow_weights_written_in_place():
     with torch.no_grad():
         head.qweight.neg_()
     assert torch.equal(native_decode._rowsum(head), -first)
+    with torch.inference_mode():  # layers made in inference mode have no version counter: still summed
+        made_there = Int8Linear.from_float(torch.randn(8, 64))
+    assert torch.equal(native_decode._rowsum(made_there), made_there.qweight.sum(1, dtype=torch.int32))
 
 
 def test_native_step_refuses_what_its_cache_cannot_hold():
