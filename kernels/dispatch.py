@@ -260,13 +260,18 @@ def calibrate() -> Plan:
     return plan
 
 
+def _forced_paths() -> dict[str, str]:
+    """The paths --int8-path or the environment names ({} when none); call under _lock."""
+    return _forced if _forced is not None else (parse_spec(os.environ[ENV]) if os.environ.get(ENV) else {})
+
+
 def plan(quiet: bool = False) -> Plan:
     """This process's plan: forced paths, else the cached measurement, else a new one (printed once)."""
     global _plan
     with _lock:
         if _plan is not None:
             return _plan
-        forced = _forced if _forced is not None else (parse_spec(os.environ[ENV]) if os.environ.get(ENV) else {})
+        forced = _forced_paths()
         measured = None
         if set(forced) != {"forward", "backward"}:
             path = _cache_file()
@@ -301,8 +306,7 @@ def forward_path(M: int) -> str:
 def forward_forced() -> bool:
     """Did --int8-path or the environment name the forward path (rather than measurement choosing it)?"""
     with _lock:
-        forced = _forced if _forced is not None else (parse_spec(os.environ[ENV]) if os.environ.get(ENV) else {})
-    return "forward" in forced
+        return "forward" in _forced_paths()
 
 
 def backward_path() -> str:
