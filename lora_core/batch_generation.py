@@ -95,7 +95,7 @@ def generate_batch(model: Transformer, tok, prompts: list[list[int]], sampling: 
             if row.reason:  # done: fed padding from now on
                 nxt.append(tok.pad_id)
                 continue
-            token = next_token(row_logits, row.seen.nonzero()[:, 0], sampling, row.generator)
+            token = next_token(row_logits, row.seen, sampling, row.generator)
             row.add(token, tok.eos_id, ignore_eos)
             nxt.append(token)
         if all(row.reason for row in rows) or i + 1 == max_new_tokens:

@@ -124,7 +124,7 @@ def generate(model: Transformer, tok, prompt_ids: list[int], sampling: Sampling 
     prefill_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     for i in range(max_new_tokens):
-        nxt = next_token(logits, seen.nonzero()[:, 0], sampling, generator)
+        nxt = next_token(logits, seen, sampling, generator)
         if nxt == tok.eos_id and not ignore_eos:
             reason = "eos"
             break

@@ -38,9 +38,12 @@ class Sampling:
 
 def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty as HF applies it: logits of tokens already in the context are divided by the
-    penalty when positive and multiplied by it when negative. logits (V,), seen: ids (any order/dups)."""
+    penalty when positive and multiplied by it when negative. logits (V,); seen: the context's ids (any
+    order, duplicates allowed) or a boolean mask (V,) of them."""
     if penalty == 1 or seen.numel() == 0:
         return logits
+    if seen.dtype == torch.bool:
+        return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
     picked = logits[seen]
     logits = logits.clone()
     logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
@@ -68,7 +71,7 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    """One token id from fp32 logits (V,) given the ids already in the context."""
+    """One token id from fp32 logits (V,) given the context (its ids, or a boolean mask over the vocabulary)."""
     logits = penalize_repetition(logits, seen, s.repetition_penalty)
     if s.greedy:
         return int(logits.argmax())

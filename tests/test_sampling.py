@@ -12,6 +12,9 @@ def test_repetition_penalty_hand_computed():
     out = penalize_repetition(logits, torch.tensor([0, 1, 1]), 2.0)
     assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
     assert logits.tolist() == [2.0, -2.0, 1.0, 0.5]  # input untouched
+    mask = torch.tensor([True, True, False, False])  # the same context as a mask over the vocabulary
+    assert penalize_repetition(logits, mask, 2.0).tolist() == [1.0, -4.0, 1.0, 0.5]
+    assert logits.tolist() == [2.0, -2.0, 1.0, 0.5]
     assert penalize_repetition(logits, torch.tensor([0]), 1.0) is logits
 
 
@@ -37,6 +40,9 @@ def test_against_transformers_processors():
         seen = torch.randint(0, 500, (1, 30), generator=g)
         ref = tp.RepetitionPenaltyLogitsProcessor(1.3)(seen, logits.clone())
         torch.testing.assert_close(penalize_repetition(logits[0], seen[0], 1.3), ref[0])
+        mask = torch.zeros(500, dtype=torch.bool)
+        mask[seen[0]] = True
+        torch.testing.assert_close(penalize_repetition(logits[0], mask, 1.3), ref[0])
         ref = tp.TopKLogitsWarper(17)(seen, logits.clone())
         assert torch.equal(filter_top_k(logits[0], 17).isfinite(), ref[0].isfinite())
         ref = tp.TopPLogitsWarper(0.8)(seen, logits.clone())
