@@ -110,10 +110,13 @@ def test_native_step_on_left_padded_rows(monkeypatch, prompts):
     assert_close_int8(c, t)
 
 
-def test_vnni_and_avx2_kernels_agree_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("dim,n_heads,hidden", [(100, 5, 130), (90, 5, 131)])  # 90: q|k|v 126 and o 90 rows
+def test_vnni_and_avx2_kernels_agree_bit_for_bit(monkeypatch, dim, n_heads, hidden):
+    """The VNNI kernels (batches in tiles of 4 weight rows x 4 rows, their tails masked) against AVX2's one dot
+    product at a time, with outliers, one row and five."""
     if not (cpu_info.has("avx512_vnni") and cpu_info.has("avx512_bw")):
         pytest.skip(f"needs AVX-512 VNNI to compare with AVX2; this CPU: {cpu_info.flags_summary()}")
-    model, head = int8_tiny(outliers=True, dim=100, n_heads=5, n_kv_heads=1, hidden_dim=130)
+    model, head = int8_tiny(outliers=True, dim=dim, n_heads=n_heads, n_kv_heads=1, hidden_dim=hidden)
     runs = []
     for isa in (native_decode.ISA_VNNI, native_decode.ISA_AVX2):
         monkeypatch.setattr(native_decode, "isa", lambda isa=isa: isa)
