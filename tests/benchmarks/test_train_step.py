@@ -1,13 +1,17 @@
 """One optimizer step on SmolLM2-135M (micro-batch 4 x 256 tokens, LoRA r=8 on q,v and on all linear
 layers): our trainer's forward/backward with fp32, bf16 and int8 bases, and HF transformers + PEFT on
 the same model and batch, measured in the same run (fresh process each; median of 3 timed steps).
-"+ckpt" rows recompute each block in backward (activation recomputation, --recompute)."""
+"+ckpt" rows recompute each block in backward (activation recomputation, --recompute). The columns are the alpaca
+benchmark's (test_alpaca_train.py): seconds per step, real tokens/s (random tokens, no padding: every token is
+real), peak RSS, both as ratios to HF fp32, and the loss of the last step."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from lora_core.kernels import cpu_info
 
 pytestmark = pytest.mark.benchmark
 CHILD = Path(__file__).with_name("train_step_child.py")
@@ -22,8 +26,9 @@ def run(impl, dtype, targets, *extra):
 
 def test_train_step_against_hf_peft():
     pytest.importorskip("peft")
-    print("\nSmolLM2-135M, one optimizer step, micro-batch 4 x 256 tokens, LoRA r=8")
-    print(f"{'targets':<10}{'impl':<18}{'base':<6}{'tokens/s':>10}{'peak GiB':>10}{'x HF tok/s':>12}{'x HF RSS':>10}")
+    print(f"\nSmolLM2-135M, one optimizer step, micro-batch 4 x 256 tokens, LoRA r=8; {cpu_info.describe()}")
+    print(f"{'targets':<10}{'impl':<18}{'base':<6}{'s/step':>8}{'real tok/s':>12}{'peak GiB':>10}{'x HF tok/s':>12}"
+          f"{'x HF RSS':>10}{'loss':>8}")
     all_seven = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     for targets, label in (("q_proj,v_proj", "q,v"), (all_seven, "all")):
         ref, _ = run("hf", "fp32", targets)
@@ -35,5 +40,6 @@ def test_train_step_against_hf_peft():
                 print(f"{label:<10}{impl:<18}{dtype:<6}  failed: {err}")
                 continue
             ratio = (f"{m['tokens_per_s'] / ref['tokens_per_s']:>12.2f}{m['peak_gib'] / ref['peak_gib']:>10.2f}"
-                     if ref else "")
-            print(f"{label:<10}{impl:<18}{dtype:<6}{m['tokens_per_s']:>10.0f}{m['peak_gib']:>10.2f}{ratio}")
+                     if ref else f"{'':>22}")
+            print(f"{label:<10}{impl:<18}{dtype:<6}{m['seconds']:>8.2f}{m['tokens_per_s']:>12.0f}{m['peak_gib']:>10.2f}"
+                  f"{ratio}{m['loss']:>8.3f}")
