@@ -22,12 +22,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* per layer, in this order, in the pointer table handed over by lora_core/native_decode.py */
 enum { ATTN_NORM, QKV, QKV_S, QKV_SUM, O, O_S, O_SUM, MLP_NORM, GATE_UP, GATE_UP_S, GATE_UP_SUM,
        DOWN, DOWN_S, DOWN_SUM, K_CACHE, V_CACHE, PER_LAYER };
 /* the sizes, in this order */
-enum { DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, CACHE_LEN, BATCH, SLOT, ISA, N_DIMS };
+enum { DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HEAD_DIM, HIDDEN, VOCAB, CACHE_LEN, BATCH, SLOT, ISA, TOKENS, N_DIMS };
 enum { ISA_AVX2 = 1, ISA_VNNI = 2 };
 
 typedef struct {  /* activation rows quantized for a product */
@@ -470,6 +473,10 @@ static void attend(const float* q, const float* k, const float* v, const uint8_t
         sc[s] = valid[s] ? dot_f32(q, k + s * hd, hd) * scale : -INFINITY;  /* e^-inf: 0 below */
         if (sc[s] > mx) mx = sc[s];
     }
+    if (mx == -INFINITY) {  /* no valid key: a padding token of a prompt, whose output nothing reads */
+        memset(o, 0, sizeof(float) * hd);
+        return;
+    }
     int64_t s = 0;
     __m256 acc = _mm256_setzero_ps();
     for (; s + 8 <= last + 1; s += 8) {
@@ -525,63 +532,87 @@ static void linear(const float* x, const float* norm, float* normed, int64_t M, 
     else product(&sh->a, M, K, P[0], P[1], P[2], N, y, accumulate, sh->isa);
 }
 
-/* h (B, dim): the new tokens' embeddings in, overwritten; logits (B, vocab) out. kinds: per layer, the kind of
- * q|k|v, o, gate|up and down (0 int8, else int4 with that group size); the head is int8. Returns 0, or 1 when
- * the scratch memory could not be allocated (nothing computed). */
+/* T new tokens per row through every layer: h (B * T, dim) holds their embeddings (row b's token t at b * T + t)
+ * and is overwritten; token t is written at cache slot slot + t with RoPE position positions[b * T + t] and attends
+ * the valid keys (key_valid (B, S)) at slots up to its own. logits (B, vocab): each row's last token. T = 1 is a
+ * decode step; a prompt is T tokens at once (or in chunks, with the same results). kinds: per layer, the kind of
+ * q|k|v, o, gate|up and down (0 int8, else int4 with that group size); the head is int8. Returns 0, or 1 when the
+ * scratch memory could not be allocated (nothing computed). */
 int decode_step(const int64_t* d, void* const* layers, const int64_t* kinds, const float* final_norm,
                  void* const* head, float* h, const int64_t* positions, const uint8_t* key_valid,
                  const float* rope_table, float* logits, float norm_eps, float q_eps, float threshold) {
     const int64_t dim = d[DIM], nh = d[N_HEADS], nkv = d[N_KV_HEADS], hd = d[HEAD_DIM], hidden = d[HIDDEN];
-    const int64_t S = d[CACHE_LEN], B = d[BATCH], slot = d[SLOT];
+    const int64_t S = d[CACHE_LEN], B = d[BATCH], slot = d[SLOT], T = d[TOKENS], M = B * T;
     const int64_t nqkv = (nh + 2 * nkv) * hd, attn_dim = nh * hd;
     const int64_t kmax = dim > attn_dim ? (dim > hidden ? dim : hidden) : (attn_dim > hidden ? attn_dim : hidden);
-    float* x = malloc(sizeof(float) * B * (dim + nqkv + nh * hd + 3 * hidden + nh * S + kmax));
-    Shared sh = {{malloc(B * kmax), calloc(B + 4, sizeof(float)), malloc(sizeof(int32_t) * B),
-                  malloc(sizeof(int32_t) * B * kmax), NULL}, act4_alloc(B, kmax), (int)d[ISA], q_eps, threshold,
+#ifdef _OPENMP
+    const int64_t threads = omp_get_max_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    float* x = malloc(sizeof(float) * (M * (dim + nqkv + attn_dim + 3 * hidden + kmax) + threads * S + B * dim));
+    Shared sh = {{malloc(M * kmax), calloc(M + 4, sizeof(float)), malloc(sizeof(int32_t) * M),
+                  malloc(sizeof(int32_t) * M * kmax), NULL}, act4_alloc(M, kmax), (int)d[ISA], q_eps, threshold,
                  norm_eps};
     if (!x || !sh.a.q || !sh.a.scale || !sh.a.n_out || !sh.a.out_i || !sh.a4.q || !sh.a4.scale || !sh.a4.sum) {
         free(x), free(sh.a.q), free(sh.a.scale), free(sh.a.n_out), free(sh.a.out_i);
         act4_free(&sh.a4);
         return 1;
     }
-    float *qkv = x + B * dim, *attn = qkv + B * nqkv, *gu = attn + B * nh * hd, *act = gu + B * 2 * hidden;
-    float* scores = act + B * hidden;
-    sh.a.out_x = scores + B * nh * S;
+    float *qkv = x + M * dim, *attn = qkv + M * nqkv, *gu = attn + M * attn_dim, *act = gu + M * 2 * hidden;
+    sh.a.out_x = act + M * hidden;
+    float *scores = sh.a.out_x + M * kmax, *last = scores + threads * S;  /* scores: one row of S per thread */
     const float softmax_scale = 1.0f / sqrtf((float)hd);
     const int64_t group = nh / nkv;
     #pragma omp parallel
     {
+#ifdef _OPENMP
+        float* sc = scores + omp_get_thread_num() * S;
+#else
+        float* sc = scores;
+#endif
         for (int64_t l = 0; l < d[N_LAYERS]; l++) {
             void* const* L = layers + l * PER_LAYER;
             const int64_t* kind = kinds + 4 * l;
             float *kc = L[K_CACHE], *vc = L[V_CACHE];
-            linear(h, L[ATTN_NORM], x, B, dim, L + QKV, kind[0], nqkv, qkv, 0, &sh);
-            #pragma omp single
-            for (int64_t b = 0; b < B; b++) {  /* RoPE, and the new key and value into the cache slot */
-                float* r = qkv + b * nqkv;
-                const float* t = rope_table + positions[b] * hd;
-                rope(r, t, nh + nkv, hd);
+            linear(h, L[ATTN_NORM], x, M, dim, L + QKV, kind[0], nqkv, qkv, 0, &sh);
+            #pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) {  /* RoPE, and the new key and value into their cache slot */
+                const int64_t b = m / T, s = slot + m % T;
+                float* r = qkv + m * nqkv;
+                rope(r, rope_table + positions[m] * hd, nh + nkv, hd);
                 for (int64_t g = 0; g < nkv; g++) {
-                    memcpy(kc + ((b * nkv + g) * S + slot) * hd, r + (nh + g) * hd, sizeof(float) * hd);
-                    memcpy(vc + ((b * nkv + g) * S + slot) * hd, r + (nh + nkv + g) * hd, sizeof(float) * hd);
+                    memcpy(kc + ((b * nkv + g) * S + s) * hd, r + (nh + g) * hd, sizeof(float) * hd);
+                    memcpy(vc + ((b * nkv + g) * S + s) * hd, r + (nh + nkv + g) * hd, sizeof(float) * hd);
                 }
             }
-            #pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < B * nh; bh++) {
-                const int64_t b = bh / nh, hq = bh % nh, g = hq / group;
-                attend(qkv + b * nqkv + hq * hd, kc + (b * nkv + g) * S * hd, vc + (b * nkv + g) * S * hd,
-                       key_valid + b * S, slot, hd, softmax_scale, scores + bh * S, attn + b * nh * hd + hq * hd);
+            if (T == 1) {  /* a row's heads on one thread: each key and value block read by one thread */
+                #pragma omp for schedule(static)
+                for (int64_t mh = 0; mh < M * nh; mh++) {
+                    const int64_t m = mh / nh, hq = mh % nh, g = hq / group;
+                    attend(qkv + m * nqkv + hq * hd, kc + (m * nkv + g) * S * hd, vc + (m * nkv + g) * S * hd,
+                           key_valid + m * S, slot, hd, softmax_scale, sc, attn + m * attn_dim + hq * hd);
+                }
+            } else {  /* prompt tokens: later ones attend more keys, so the threads take turns */
+                #pragma omp for schedule(static, 1)
+                for (int64_t mh = 0; mh < M * nh; mh++) {
+                    const int64_t m = mh / nh, b = m / T, hq = mh % nh, g = hq / group;
+                    attend(qkv + m * nqkv + hq * hd, kc + (b * nkv + g) * S * hd, vc + (b * nkv + g) * S * hd,
+                           key_valid + b * S, slot + m % T, hd, softmax_scale, sc, attn + m * attn_dim + hq * hd);
+                }
             }
-            linear(attn, NULL, NULL, B, nh * hd, L + O, kind[1], dim, h, 1, &sh);
-            linear(h, L[MLP_NORM], x, B, dim, L + GATE_UP, kind[2], 2 * hidden, gu, 0, &sh);
+            linear(attn, NULL, NULL, M, attn_dim, L + O, kind[1], dim, h, 1, &sh);
+            linear(h, L[MLP_NORM], x, M, dim, L + GATE_UP, kind[2], 2 * hidden, gu, 0, &sh);
             #pragma omp for schedule(static)
-            for (int64_t c = 0; c < B * 4; c++) {  /* each row in four parts */
-                const int64_t b = c / 4, i0 = hidden * (c % 4) / 4 / 8 * 8, i1 = c % 4 == 3 ? hidden : hidden * (c % 4 + 1) / 4 / 8 * 8;
-                swiglu(gu + b * 2 * hidden + i0, gu + b * 2 * hidden + hidden + i0, act + b * hidden + i0, i1 - i0);
+            for (int64_t c = 0; c < M * 4; c++) {  /* each row in four parts */
+                const int64_t m = c / 4, i0 = hidden * (c % 4) / 4 / 8 * 8, i1 = c % 4 == 3 ? hidden : hidden * (c % 4 + 1) / 4 / 8 * 8;
+                swiglu(gu + m * 2 * hidden + i0, gu + m * 2 * hidden + hidden + i0, act + m * hidden + i0, i1 - i0);
             }
-            linear(act, NULL, NULL, B, hidden, L + DOWN, kind[3], dim, h, 1, &sh);
+            linear(act, NULL, NULL, M, hidden, L + DOWN, kind[3], dim, h, 1, &sh);
         }
-        linear(h, final_norm, x, B, dim, head, 0, d[VOCAB], logits, 0, &sh);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; b++) memcpy(last + b * dim, h + (b * T + T - 1) * dim, sizeof(float) * dim);
+        linear(last, final_norm, x, B, dim, head, 0, d[VOCAB], logits, 0, &sh);
     }
     free(x), free(sh.a.q), free(sh.a.scale), free(sh.a.n_out), free(sh.a.out_i);
     act4_free(&sh.a4);

@@ -1,4 +1,5 @@
-"""The int8 / int4 decode step in C (kernels/decode_step.c): every layer of one new token per row in one call.
+"""The int8 / int4 decode step in C (kernels/decode_step.c): every layer of one new token per row in one call,
+or of a prompt's tokens (StaticDecoder.prefill calls it a chunk at a time).
 
 The eager torch step (fast_decode.decode_step) spends most of a token in ~2,600 small ATen ops around the
 weight reads; this step makes one ctypes call per token instead. StaticDecoder uses it when the model can be
@@ -113,8 +114,9 @@ class NativeStep:
         self.final_norm = model.norm.weight.detach().contiguous()
         self.threshold = float(head.threshold)
         B, _, S, _ = cache.k[0].shape
-        self.dims = [a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.hidden_dim, head.out_features, S, B,
-                     0, isa()]
+        # decode_step.c's sizes, in its order; the slot, the kernels and the tokens per row follow at each call
+        self.dims = [a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.hidden_dim, head.out_features, S, B]
+        self.isa = isa()
 
     def _address(self, t: torch.Tensor) -> int:
         t = t.detach()
@@ -130,21 +132,23 @@ class NativeStep:
 
     def __call__(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor,
                  key_valid: torch.Tensor) -> torch.Tensor:
-        """tokens (B, 1) at RoPE positions (B, 1), written at cache slot `slot` -> fp32 logits (B, vocab)."""
+        """tokens (B, T) at RoPE positions (B, T), written at cache slots slot..slot+T-1 -> fp32 logits (B, vocab)
+        of each row's last token (T = 1: a decode step; more: a prompt, each token attending up to its slot)."""
         lib = library()[0]
         B, S = self.dims[8], self.dims[7]
-        if tokens.numel() != B or positions.numel() != B or key_valid.shape != (B, S) or not 0 <= slot < S:
+        T = tokens.shape[-1] if tokens.dim() == 2 else 1
+        if (tokens.numel() != B * T or positions.numel() != B * T or key_valid.shape != (B, S)
+                or not (0 <= slot and slot + T <= S)):
             raise ValueError(f"the C decode step holds a cache of {B} rows x {S} positions; got tokens "
                              f"{tuple(tokens.shape)}, positions {tuple(positions.shape)}, key_valid "
                              f"{tuple(key_valid.shape)}, slot {slot}")
-        pos = positions.reshape(B).to(torch.int64).contiguous()
+        pos = positions.reshape(B * T).to(torch.int64).contiguous()
         if int(pos.min()) < 0 or int(pos.max()) >= self.rope.shape[0]:
             raise ValueError(f"RoPE positions must lie in 0..{self.rope.shape[0] - 1}; got {pos.tolist()}")
-        h = self.model.embed_tokens(tokens.reshape(B)).float().contiguous()  # (B, dim), overwritten
+        h = self.model.embed_tokens(tokens.reshape(B * T)).float().contiguous()  # (B * T, dim), overwritten
         logits = torch.empty(B, self.dims[6], dtype=torch.float32)
         valid = key_valid.to(torch.uint8).contiguous()
-        self.dims[9] = slot
-        dims = (ctypes.c_int64 * len(self.dims))(*self.dims)
+        dims = (ctypes.c_int64 * (len(self.dims) + 3))(*self.dims, slot, self.isa, T)
         if lib.decode_step(dims, self.table, self.kinds, self.final_norm.data_ptr(), self.head, h.data_ptr(),
                            pos.data_ptr(), valid.data_ptr(), self.rope.data_ptr(), logits.data_ptr(),
                            self.model.args.norm_eps, EPS, self.threshold):

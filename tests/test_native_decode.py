@@ -1,12 +1,15 @@
 """The int8 decode step in C (lora_core.native_decode, kernels/decode_step.c) against the torch step
 (fast_decode.decode_step) forced onto an activation-quantizing path (the same numerics: int8 activations per
 row, exact int32 products, LLM.int8 outliers in fp32), on odd shapes, GQA, left padding and outliers; the
-VNNI and AVX2 kernels against each other; real SmolLM2 greedy decoding; and when it must not be used."""
+VNNI and AVX2 kernels against each other; its prefill against the plain model's; real SmolLM2 greedy decoding;
+and when it must not be used."""
+import contextlib
+
 import pytest
 import torch
 from test_kv_cache import tiny
 
-from lora_core import native_decode
+from lora_core import fast_decode, native_decode
 from lora_core.batch_generation import generate_batch, left_pad
 from lora_core.fast_decode import StaticDecoder, decode_step
 from lora_core.generation import generate, output_head
@@ -110,6 +113,70 @@ def test_native_step_on_left_padded_rows(monkeypatch, prompts):
     assert_close_int8(c, t)
 
 
+def both_prefills(model, head, prompts):
+    """The left-padded prompts prefilled by the C step and by the plain model (on TORCH_PATH) ->
+    [(logits (B, vocab), KVCache)] for each, C first."""
+    tokens, mask, positions = left_pad(prompts, 0)
+    out = []
+    for plain in (False, True):  # a forced int8 path keeps the C step out
+        d = StaticDecoder(model, head)
+        with torch.no_grad(), dispatch.forcing(TORCH_PATH) if plain else contextlib.nullcontext():
+            d.begin(*tokens.shape)
+            assert (d.native is None) == plain
+            out.append((d.prefill(tokens, mask, positions), d.cache))
+    return out
+
+
+@pytest.mark.parametrize("int4,prompts", [(False, [[5, 6, 7, 8, 9, 10, 11]]),
+                                          (False, [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18, 19]]),
+                                          (True, [[5, 6, 7], [8, 9, 10, 11, 12, 13]])])
+def test_native_prefill_equals_the_plain_models(monkeypatch, int4, prompts):
+    """The prompt through the C step (all tokens of all rows per call, causal within it): the last position's
+    logits and every valid key and value in the cache close to the plain model's (threshold 0, where torch's
+    column-wise outliers and ours per row agree)."""
+    monkeypatch.setattr(Int8Linear, "threshold", 0.0)
+    model, head = int8_tiny(int4=int4, dim=72, n_heads=6, n_kv_heads=2, hidden_dim=96)
+    (c, cc), (t, tc) = both_prefills(model, head, prompts)
+    assert_close_int8(c[None], t[None])
+    _, mask, _ = left_pad(prompts, 0)
+    valid = mask.bool()[:, None, :, None].expand_as(cc.k[0][:, :, :mask.shape[1]])
+    for ours, theirs in zip(cc.k + cc.v, tc.k + tc.v):
+        a, b = ours[:, :, :mask.shape[1]][valid], theirs[:, :, :mask.shape[1]][valid]
+        assert (a - b).abs().max() <= 0.05 * b.abs().max()
+
+
+def test_native_prefill_in_chunks_equals_it_whole(monkeypatch):
+    """A prompt in chunks of one token per row per call gives the same logits and cache, bit for bit."""
+    model, head = int8_tiny(outliers=True, dim=72, n_heads=6, n_kv_heads=2, hidden_dim=96)
+    tokens, mask, positions = left_pad([[5, 6, 7], [8, 9, 10, 11, 12, 13]], 0)
+    runs = []
+    for rows in (fast_decode.PREFILL_ROWS, tokens.shape[0]):
+        monkeypatch.setattr(fast_decode, "PREFILL_ROWS", rows)
+        d = StaticDecoder(model, head)
+        with torch.no_grad():
+            d.begin(*tokens.shape)
+            runs.append((d.prefill(tokens, mask, positions), d.cache))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1].k + runs[0][1].v, runs[1][1].k + runs[1][1].v))
+
+
+def test_long_prompts_prefill_through_the_plain_model(monkeypatch):
+    """Past NATIVE_PREFILL_MAX tokens the plain model prefills (its attention is faster there); decoding stays C."""
+    monkeypatch.setattr(fast_decode, "NATIVE_PREFILL_MAX", 3)
+    model, head = int8_tiny(dim=72, n_heads=6, n_kv_heads=2, hidden_dim=96)
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    runs = []
+    for native in (True, False):
+        d = StaticDecoder(model, head)
+        with torch.no_grad():
+            d.begin(*tokens.shape)
+            if not native:
+                d.native = None
+            runs.append(d.prefill(tokens))
+    assert torch.equal(runs[0], runs[1])
+    assert native_decode.why_not(model, head, d.fused) is None
+
+
 @pytest.mark.parametrize("dim,n_heads,hidden", [(100, 5, 130), (90, 5, 131)])  # 90: q|k|v 126 and o 90 rows
 def test_vnni_and_avx2_kernels_agree_bit_for_bit(monkeypatch, dim, n_heads, hidden):
     """The VNNI kernels (batches in tiles of 4 weight rows x 4 rows, their tails masked) against AVX2's one dot
@@ -152,7 +219,8 @@ class _Tok:
 
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
 def test_smollm2_native_step_equals_torch_step(smollm2_path, dtype):
-    """Real weights: 16 teacher-forced steps close to the torch step's, greedy choices the same but at near-ties.
+    """Real weights: the C prefill close to the plain model's; 16 teacher-forced steps close to the torch step's,
+    greedy choices the same but at near-ties.
     int8 where the torch side is torch._int_mm (same float scaling order): 24 free-running greedy tokens equal too.
     Not elsewhere: the int64 reference's double scaling (CPUs without int8 units), or int4's sensitivity, moves a
     rounding boundary now and then, and free-running tokens may part after a near-tie."""
@@ -161,6 +229,9 @@ def test_smollm2_native_step_equals_torch_step(smollm2_path, dtype):
     model, tok = lora_core.load(smollm2_path, dtype=dtype)
     ids = tok.encode("Below is an instruction that describes a task. Write a response that appropriately "
                      "completes the request.\n\n### Instruction:\nName three rivers in China.\n\n### Response:\n")
+    c, t = (r[0] for r in both_prefills(model, output_head(model), [ids, tok.encode("Who wrote Hamlet?")]))
+    assert_close_int8(c[None], t[None], median=0.2)  # the prompts (one left-padded): 4-15% apart measured
+    assert torch.equal(c.argmax(-1), t.argmax(-1))
     c, t = both_steps(model, output_head(model), [ids], steps=16)
     # int4 SmolLM2 (weights from the Q4_1 file: values on a grid, so activations land on rounding ties) moves the
     # torch step's own logits by 4-9% when its embeddings are scaled by 1 + 1e-7 (measured): no median bound there
