@@ -1,5 +1,6 @@
-/* One decode step of a LLaMA whose seven projections and output head hold int8 weights: every layer of
- * every row in one call, so a token costs one crossing from Python instead of ~2,600 small ATen ops.
+/* One decode step of a LLaMA whose seven projections and output head hold int8 (or int4) weights: every layer of
+ * every row in one call, so a token costs one crossing from Python instead of ~2,600 small ATen ops. The same
+ * call takes a prompt's tokens (T per row, each attending up to its own slot), so prompts prefill here too.
  *
  * Numerics are the int_mm path's (kernels/int8_linear.py) row by row: each activation row is quantized to
  * int8 per row (kernels/reference.py's rounding, bit for bit), features with |x| > threshold are taken out
@@ -14,7 +15,7 @@
  * batch 8: 13.2 -> 11.0 ms a step, same-process A/B).
  *
  * Threads: one OpenMP region per step (the runtime torch loaded; see native.py): products split their
- * output rows, attention its (row, head) pairs, the small per-row work runs on one thread.
+ * output rows, attention its (token, head) pairs, normalisation, quantization, RoPE and SwiGLU their rows.
  * Built at first use by kernels/native.py; tests compare it with the same step in torch.
  */
 #include <immintrin.h>
