@@ -12,7 +12,7 @@
  * range: for one row, one weight row after another (measured 30 GB/s on 2 Zen 4 cores against 18 GB/s when
  * four rows are read side by side); for a batch (VNNI), tiles of four weight rows x four activation rows, the
  * tiles ahead prefetched: 0.5 loads per vpdpbusd instead of 1.25, and 16 sums scaled as one vector (on Zen 4,
- * batch 8: 13.2 -> 11.0 ms a step, same-process A/B).
+ * batch 8: 13.2 -> 9.9 ms a step, same-process A/B).
  *
  * Threads: one OpenMP region per step (the runtime torch loaded; see native.py): products split their
  * output rows, attention its (token, head) pairs, normalisation, quantization, RoPE and SwiGLU their rows.
