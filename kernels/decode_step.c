@@ -565,6 +565,9 @@ int decode_step(const int64_t* d, void* const* layers, const int64_t* kinds, con
     float *scores = sh.a.out_x + M * kmax, *last = scores + threads * S;  /* scores: one row of S per thread */
     const float softmax_scale = 1.0f / sqrtf((float)hd);
     const int64_t group = nh / nkv;
+    /* attention's (token, head) pairs per thread: for one token per row, one block each (a row's heads together, so
+     * each key and value block is read by one thread); for a prompt, by turns (later tokens attend more keys) */
+    const int64_t spread = T == 1 ? (M * nh + threads - 1) / threads : 1;
     #pragma omp parallel
     {
 #ifdef _OPENMP
@@ -587,20 +590,11 @@ int decode_step(const int64_t* d, void* const* layers, const int64_t* kinds, con
                     memcpy(vc + ((b * nkv + g) * S + s) * hd, r + (nh + nkv + g) * hd, sizeof(float) * hd);
                 }
             }
-            if (T == 1) {  /* a row's heads on one thread: each key and value block read by one thread */
-                #pragma omp for schedule(static)
-                for (int64_t mh = 0; mh < M * nh; mh++) {
-                    const int64_t m = mh / nh, hq = mh % nh, g = hq / group;
-                    attend(qkv + m * nqkv + hq * hd, kc + (m * nkv + g) * S * hd, vc + (m * nkv + g) * S * hd,
-                           key_valid + m * S, slot, hd, softmax_scale, sc, attn + m * attn_dim + hq * hd);
-                }
-            } else {  /* prompt tokens: later ones attend more keys, so the threads take turns */
-                #pragma omp for schedule(static, 1)
-                for (int64_t mh = 0; mh < M * nh; mh++) {
-                    const int64_t m = mh / nh, b = m / T, hq = mh % nh, g = hq / group;
-                    attend(qkv + m * nqkv + hq * hd, kc + (b * nkv + g) * S * hd, vc + (b * nkv + g) * S * hd,
-                           key_valid + b * S, slot + m % T, hd, softmax_scale, sc, attn + m * attn_dim + hq * hd);
-                }
+            #pragma omp for schedule(static, spread)
+            for (int64_t mh = 0; mh < M * nh; mh++) {
+                const int64_t m = mh / nh, b = m / T, hq = mh % nh, g = hq / group;
+                attend(qkv + m * nqkv + hq * hd, kc + (b * nkv + g) * S * hd, vc + (b * nkv + g) * S * hd,
+                       key_valid + b * S, slot + m % T, hd, softmax_scale, sc, attn + m * attn_dim + hq * hd);
             }
             linear(attn, NULL, NULL, M, attn_dim, L + O, kind[1], dim, h, 1, &sh);
             linear(h, L[MLP_NORM], x, M, dim, L + GATE_UP, kind[2], 2 * hidden, gu, 0, &sh);
