@@ -73,7 +73,9 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 def next_token(logits: torch.Tensor, seen: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
     """One token id from fp32 logits (V,) given the context (its ids, or a boolean mask over the vocabulary)."""
     logits = penalize_repetition(logits, seen, s.repetition_penalty)
-    if s.greedy:
+    if s.greedy:  # numpy's argmax (the same first maximum, a NaN first) is ~10x faster than torch's on the CPU
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return int(logits.detach().numpy().argmax())
         return int(logits.argmax())
     logits = filter_top_p(filter_top_k(logits / s.temperature, s.top_k), s.top_p)
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
