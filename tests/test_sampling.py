@@ -68,6 +68,15 @@ def test_greedy_and_penalty_change_the_choice():
     assert next_token(logits, torch.tensor([1]), s, None) == 2  # 4.0 / 1.5 < 3.9
 
 
+@pytest.mark.parametrize("logits", [[1.0, 4.0, 4.0, 2.0], [1.0, float("nan"), 5.0, float("nan")],
+                                    [float("-inf")] * 3, [-2.0, -1.0, -1.0]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_greedy_picks_what_torch_argmax_picks(logits, dtype):
+    """Ties go to the first maximum, a NaN wins, in every dtype (numpy's argmax serves fp32 on the CPU)."""
+    x = torch.tensor(logits, dtype=dtype)
+    assert next_token(x, torch.zeros(len(logits), dtype=torch.bool), Sampling(temperature=0), None) == int(x.argmax())
+
+
 @pytest.mark.parametrize("kw,match", [({"temperature": -1}, "temperature"), ({"top_k": -3}, "top-k"),
                                       ({"top_p": 0}, "top-p"), ({"top_p": 1.5}, "top-p"),
                                       ({"repetition_penalty": 0}, "repetition-penalty")])
