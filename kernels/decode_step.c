@@ -292,13 +292,14 @@ static void tile4x4_vnni(const Act* a, int64_t m0, int64_t M, int64_t K, const i
 /* y[m0..m0+3, n0..n0+1] (+)= the int8 product for a tile of four activation rows and two weight rows on AVX2 (16
  * registers: eight accumulators): each 32-byte chunk of the six rows loaded once, |x| once per activation row,
  * the eight int32 sums (dot_avx2's, exact) reduced into one vector, then tile4x4_vnni's epilogue on eight lanes
- * (lane 2j + i: activation row j, weight row i). Rows past M or N repeat the last real one and are not stored. */
-static void tile4x2_avx2(const Act* a, int64_t m0, int64_t M, int64_t K, const int8_t* w, const float* s,
+ * (lane 2j + i: activation row j, weight row i). The four rows exist (product() sends whole groups); a weight row
+ * past N repeats the last real one and is not stored. */
+static void tile4x2_avx2(const Act* a, int64_t m0, int64_t K, const int8_t* w, const float* s,
                          int64_t n0, int64_t N, float* y, int accumulate) {
     const int8_t* x[4];
     const int8_t* wr[2];
     float sn[2];
-    for (int j = 0; j < 4; j++) x[j] = a->q + (m0 + j < M ? m0 + j : M - 1) * K;
+    for (int j = 0; j < 4; j++) x[j] = a->q + (m0 + j) * K;
     for (int i = 0; i < 2; i++) {
         const int64_t n = n0 + i < N ? n0 + i : N - 1;
         wr[i] = w + n * K, sn[i] = s[n];
@@ -343,7 +344,7 @@ static void tile4x2_avx2(const Act* a, int64_t m0, int64_t M, int64_t K, const i
     }
     float out[8];
     _mm256_storeu_ps(out, v);
-    for (int j = 0; j < 4 && m0 + j < M; j++)
+    for (int j = 0; j < 4; j++)
         for (int i = 0; i < 2 && n0 + i < N; i++) {
             float* yr = y + (m0 + j) * N + n0 + i;
             *yr = accumulate ? *yr + out[2 * j + i] : out[2 * j + i];
@@ -365,7 +366,7 @@ static void product(const Act* a, int64_t M, int64_t K, const int8_t* w, const f
     for (int64_t n = 0; n < N; n++) {
         const int8_t* wr = w + n * K;
         if (n % 2 == 0)
-            for (int64_t m0 = 0; m0 < full; m0 += 4) tile4x2_avx2(a, m0, M, K, w, s, n, N, y, accumulate);
+            for (int64_t m0 = 0; m0 < full; m0 += 4) tile4x2_avx2(a, m0, K, w, s, n, N, y, accumulate);
         for (int64_t m = full; m < M; m++) {
             const int32_t acc = isa == ISA_VNNI ? dot_vnni((const uint8_t*)a->q + m * K, wr, K) - 128 * rowsum[n]
                                                 : dot_avx2(a->q + m * K, wr, K);
