@@ -11,11 +11,16 @@ int4 layers compute as lora_core.int4's own kernel does (activations quantized p
 numerics are the int_mm path's: activations quantized per row, LLM.int8 outlier features kept in fp32, except
 that the outliers are chosen per row (torch's path chooses columns over the batch), so a row decodes the same
 alone or in a batch. The int32 products are exact, so the AVX-512 VNNI and AVX2 kernels agree bit for bit.
+
+On VNNI, batches and prompts read a packed copy of each int8 weight (pack_vnni: 16 rows' bytes side by side per
+four features), kept on the layer beside the weight as stored, which one row reads. The copies double the int8
+weights' memory; packs() makes them only when they fit in half of the memory available.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 import torch
 from torch import nn
@@ -27,6 +32,8 @@ from .model import KVCache, Transformer
 from .quant import Int8Linear
 
 ENV = "LORA_CORE_NATIVE_DECODE"
+PACK_ENV = "LORA_CORE_NATIVE_PACK"
+_said: set[str] = set()  # notices already given in this process
 ISA_AVX2, ISA_VNNI = native.ISA_AVX2, native.ISA_VNNI
 
 
@@ -77,18 +84,59 @@ def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | No
     return None
 
 
-def _rowsum(m: Int8Linear) -> torch.Tensor:
-    """The int32 sum of each weight row (the VNNI kernel's correction for x + 128), kept on the layer until its
-    weight is replaced or written in place."""
+def _kept(m: Int8Linear, name: str, make) -> torch.Tensor:
+    """make(qweight), kept on the layer as `name` until its weight is replaced or written in place."""
     try:
         key = (m.qweight.data_ptr(), m.qweight._version)
     except RuntimeError:  # a tensor made under torch.inference_mode keeps no version counter
         key = (m.qweight.data_ptr(), None)
-    kept = getattr(m, "_native_rowsum", None)
+    kept = getattr(m, name, None)
     if kept is None or kept[0] != key:
-        kept = (key, m.qweight.sum(1, dtype=torch.int32))
-        m._native_rowsum = kept
+        kept = (key, make(m.qweight))
+        setattr(m, name, kept)
     return kept[1]
+
+
+def _rowsum(m: Int8Linear) -> torch.Tensor:
+    """The int32 sum of each weight row (the VNNI kernel's correction for x + 128)."""
+    return _kept(m, "_native_rowsum", lambda w: w.sum(1, dtype=torch.int32))
+
+
+def pack_vnni(w: torch.Tensor) -> torch.Tensor:
+    """int8 (N, K) -> decode_step.c's packed layout: blocks of 16 rows, each (K/4, 16, 4), N padded with zero rows
+    to a multiple of 32 and K with zeros to a multiple of 4."""
+    N, K = w.shape
+    w = torch.nn.functional.pad(w, (0, -K % 4, 0, -N % 32))
+    return w.reshape(w.shape[0] // 16, 16, w.shape[1] // 4, 4).transpose(1, 2).contiguous()
+
+
+def _packed(m: Int8Linear) -> torch.Tensor:
+    return _kept(m, "_native_packed", pack_vnni)
+
+
+def packs(model: Transformer, head: Int8Linear, fused: list) -> bool:
+    """Whether batches and prompts read packed copies of the int8 weights: on VNNI, when the copies not yet made
+    take at most half of the memory available (said once per process when they would not). Off with
+    LORA_CORE_NATIVE_PACK=0."""
+    if os.environ.get(PACK_ENV, "1") == "0" or isa() != ISA_VNNI:
+        return False
+    layers = [head] + [f for pair in fused for f in pair]
+    layers += [m for b in model.layers for m in (b.self_attn.o_proj, b.mlp.down_proj)]
+    need = sum(m.qweight.numel() for m in layers
+               if _int8(m) is not None and getattr(m, "_native_packed", None) is None)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf for it: pack, as the copies are what batches need
+        return True
+    if need > available // 2:
+        if "pack" in _said:
+            return False
+        _said.add("pack")
+        print(f"lora-core: batches and prompts decode without the packed weight copies (they would take "
+              f"{need / 2**20:.0f} MiB, over half of the {available / 2**20:.0f} MiB available; slower, same "
+              f"results); set {PACK_ENV}=0 to silence this", file=sys.stderr)
+        return False
+    return True
 
 
 class NativeStep:
@@ -98,6 +146,7 @@ class NativeStep:
         a = model.args
         self.model, self.cache, self.rope = model, cache, rope.contiguous()
         self.keep = []  # every tensor whose address the table holds
+        self.packed = packs(model, head, fused)
         ptrs = []
         kinds = []
         for i, b in enumerate(model.layers):
@@ -110,7 +159,7 @@ class NativeStep:
                 ptrs.append(self._address(t))
         self.table = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.kinds = (ctypes.c_int64 * len(kinds))(*kinds)
-        self.head = (ctypes.c_void_p * 3)(*(self._address(t) for t in self._layer(head)))
+        self.head = (ctypes.c_void_p * 4)(*(self._address(t) for t in self._layer(head)))
         self.final_norm = model.norm.weight.detach().contiguous()
         self.threshold = float(head.threshold)
         B, _, S, _ = cache.k[0].shape
@@ -118,17 +167,18 @@ class NativeStep:
         self.dims = [a.dim, a.n_layers, a.n_heads, a.n_kv_heads, a.head_dim, a.hidden_dim, head.out_features, S, B]
         self.isa = isa()
 
-    def _address(self, t: torch.Tensor) -> int:
+    def _address(self, t: torch.Tensor | None) -> int:
+        if t is None:
+            return 0
         t = t.detach()
         assert t.is_contiguous()
         self.keep.append(t)
         return t.data_ptr()
 
-    @staticmethod
-    def _layer(m: Int8Linear | Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _layer(self, m: Int8Linear | Int4Linear) -> tuple:
         if isinstance(m, Int4Linear):
-            return m.packed, m.scale, m.lo
-        return m.qweight, m.scale.float().contiguous(), _rowsum(m)
+            return m.packed, m.scale, m.lo, None
+        return m.qweight, m.scale.float().contiguous(), _rowsum(m), _packed(m) if self.packed else None
 
     def __call__(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor,
                  key_valid: torch.Tensor) -> torch.Tensor:

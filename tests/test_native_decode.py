@@ -177,12 +177,16 @@ def test_long_prompts_prefill_through_the_plain_model(monkeypatch):
     assert native_decode.why_not(model, head, d.fused) is None
 
 
+@pytest.mark.parametrize("pack", ["1", "0"])
 @pytest.mark.parametrize("dim,n_heads,hidden", [(100, 5, 130), (90, 5, 131)])  # 90: q|k|v 126 and o 90 rows
-def test_vnni_and_avx2_kernels_agree_bit_for_bit(monkeypatch, dim, n_heads, hidden):
-    """The VNNI kernels (batches in tiles of 4 weight rows x 4 rows, their tails masked) against AVX2's one dot
-    product at a time, with outliers, one row and five."""
+def test_vnni_and_avx2_kernels_agree_bit_for_bit(monkeypatch, dim, n_heads, hidden, pack):
+    """The VNNI kernels against AVX2's (tiles of 2 weight rows x 4 rows, leftover rows one dot product at a time),
+    with outliers, one row and five. VNNI batches read the packed copies (pack 1: 32 weight rows x 8 rows, N and
+    K padded; K here 90-131, never a multiple of 64, and N never of 32), or tiles of 4 weight rows x 4 rows of
+    the weights as stored (pack 0)."""
     if not (cpu_info.has("avx512_vnni") and cpu_info.has("avx512_bw")):
         pytest.skip(f"needs AVX-512 VNNI to compare with AVX2; this CPU: {cpu_info.flags_summary()}")
+    monkeypatch.setenv(native_decode.PACK_ENV, pack)
     model, head = int8_tiny(outliers=True, dim=dim, n_heads=n_heads, n_kv_heads=1, hidden_dim=hidden)
     runs = []
     for isa in (native_decode.ISA_VNNI, native_decode.ISA_AVX2):
@@ -271,16 +275,48 @@ def test_when_the_torch_step_runs(monkeypatch):
 
 
 def test_row_sums_follow_weights_written_in_place():
-    """The VNNI kernel's x + 128 correction uses each weight row's sum, kept on the layer: a weight written in
-    place (load_state_dict, copy_) keeps its address, so the kept sum must notice the write."""
+    """The VNNI kernel's x + 128 correction uses each weight row's sum, and batches the packed copy, both kept on
+    the layer: a weight written in place (load_state_dict, copy_) keeps its address, so they must notice."""
     _, head = int8_tiny()
-    first = native_decode._rowsum(head).clone()
+    first, packed = native_decode._rowsum(head).clone(), native_decode._packed(head).clone()
     with torch.no_grad():
         head.qweight.neg_()
     assert torch.equal(native_decode._rowsum(head), -first)
+    assert torch.equal(native_decode._packed(head), -packed)
     with torch.inference_mode():  # layers made in inference mode have no version counter: still summed
         made_there = Int8Linear.from_float(torch.randn(8, 64))
     assert torch.equal(native_decode._rowsum(made_there), made_there.qweight.sum(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("N,K", [(32, 64), (50, 90), (7, 3), (96, 131)])
+def test_packed_layout_by_hand(N, K):
+    """Weight (n, k) sits in block n // 16 at [k // 4, n % 16, k % 4]; the padding is zeros."""
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    p = native_decode.pack_vnni(w)
+    assert p.shape == (-(-N // 32) * 2, -(-K // 4), 16, 4)
+    n, k = torch.meshgrid(torch.arange(N), torch.arange(K), indexing="ij")
+    assert torch.equal(p[n // 16, k // 4, n % 16, k % 4], w)
+    assert int(p.abs().sum()) == int(w.abs().sum())  # nothing else is non-zero
+
+
+def test_packed_copies_only_with_room_for_them(monkeypatch, capsys):
+    """Packing doubles the int8 weights: without room (half of the available memory) or with
+    LORA_CORE_NATIVE_PACK=0 batches read the weights as stored, with a one-line notice for the first."""
+    if native_decode.isa() != native_decode.ISA_VNNI:
+        pytest.skip(f"packed copies are for AVX-512 VNNI; this CPU: {cpu_info.flags_summary()}")
+    model, head = int8_tiny()
+    fused = fast_decode.fuse_projections(model)
+    assert native_decode.packs(model, head, fused)
+    monkeypatch.setenv(native_decode.PACK_ENV, "0")
+    assert not native_decode.packs(model, head, fused)
+    monkeypatch.delenv(native_decode.PACK_ENV)
+    real = native_decode.os.sysconf
+    monkeypatch.setattr(native_decode.os, "sysconf", lambda k: 1 if k == "SC_AVPHYS_PAGES" else real(k))
+    monkeypatch.setattr(native_decode, "_said", set())
+    assert not native_decode.packs(model, head, fused)
+    assert not native_decode.packs(model, head, fused)  # said once
+    notice = capsys.readouterr().err.strip().splitlines()
+    assert len(notice) == 1 and "without the packed weight copies" in notice[0]
 
 
 def test_native_step_refuses_what_its_cache_cannot_hold():
