@@ -701,7 +701,8 @@ typedef struct {  /* what the products of a step share: quantized activations an
  * the kind wants; then W's rows split between threads. */
 static void linear(const float* x, const float* norm, float* normed, int64_t M, int64_t K, void* const* P,
                    int64_t kind, int64_t N, float* y, int accumulate, Shared* sh) {
-    const int tiles = !kind && M > 1;  /* batch tiles read the outliers by groups of four rows */
+    /* tiles of the weights as stored read the outliers by groups of four rows; packed tiles read each row's own */
+    const int tiles = !kind && M > 1 && !(sh->isa == ISA_VNNI && P[3]);
     #pragma omp for schedule(static)
     for (int64_t g = 0; g < (M + 3) / 4; g++) {  /* groups of four rows split between threads */
         for (int64_t m = 4 * g; m < 4 * g + 4 && m < M; m++) {
