@@ -8,13 +8,13 @@
  * here so a row's result never depends on its batch), the int32 dot product is exact, and the output is
  * (acc * row scale) * channel scale + the outliers' part. Two dot-product kernels give the same int32:
  * AVX-512 VNNI (vpdpbusd on x + 128, minus 128 * the weight row's sum) and AVX2 (vpmaddubsw on |x| and
- * the weight with x's sign). Weights are read in their stored (N, K) layout, each thread one contiguous
- * range: for one row, one weight row after another (measured 30 GB/s on 2 Zen 4 cores against 18 GB/s when
- * four rows are read side by side). A batch or a prompt (VNNI) reads a packed copy of each weight where
- * native_decode.py made one (32 weight rows x 8 activation rows a tile, no sums across lanes: batch 8 7.65 ->
- * 6.44 ms a step, prompts 27% faster, Zen 4, same-process A/B), else tiles of four weight rows x four activation
- * rows, the tiles ahead prefetched: 0.5 loads per vpdpbusd instead of 1.25, and 16 sums scaled as one vector
- * (batch 8: 13.2 -> 9.9 ms a step). A tile adds the outliers of its four rows by their union
+ * the weight with x's sign). On VNNI, products read a packed copy of each weight where native_decode.py made
+ * one: tiles of 32 weight rows x 8 (4, 2, 1) activation rows, no sums across lanes (batch 8 7.65 -> 6.44 ms a
+ * step, prompts 27% faster, one row 3-5%; Zen 4, same-process A/B). Otherwise weights are read in their stored
+ * (N, K) layout, each thread one contiguous range: for one row, one weight row after another (measured 30 GB/s
+ * on 2 Zen 4 cores against 18 GB/s when four rows are read side by side); for a batch, tiles of four weight
+ * rows x four activation rows, the tiles ahead prefetched: 0.5 loads per vpdpbusd instead of 1.25, and 16 sums
+ * scaled as one vector (batch 8: 13.2 -> 9.9 ms a step). A tile adds the outliers of its four rows by their union
  * (a batch's rows share most outlier features), each feature's weights read once: batch 8 8.9 -> 7.9 ms. On
  * AVX2, whole groups of four rows multiply in tiles of two weight rows (|x| once per row and chunk, eight sums
  * reduced as one vector): batch 8 15.8 -> 14.0 ms with VNNI hidden on the same Zen 4.
@@ -416,17 +416,19 @@ static inline void packed_tile(const Act* a, int64_t m0, int64_t M, int64_t K, c
 PACKED_TILE(8)
 PACKED_TILE(4)
 PACKED_TILE(2)
+PACKED_TILE(1)
 
 /* y (M, N) (+)= x @ dequant(w (N, K), s (N,))^T; call inside a parallel region (splits the rows n) */
 static void product(const Act* a, int64_t M, int64_t K, const int8_t* w, const float* s, const int32_t* rowsum,
                     const int8_t* packed, int64_t N, float* y, int accumulate, int isa) {
-    if (isa == ISA_VNNI && M > 1 && packed) {  /* 32 weight rows x 8 (or 4, 2) activation rows at a time */
+    if (isa == ISA_VNNI && packed) {  /* 32 weight rows x 8 (or 4, 2, 1) activation rows at a time */
         #pragma omp for schedule(static)
         for (int64_t b0 = 0; b0 < (N + 15) / 16; b0 += 2)
             for (int64_t m0 = 0; m0 < M; m0 += 8) {
                 if (M - m0 > 4) packed_tile8(a, m0, M, K, packed, s, rowsum, b0, N, y, accumulate);
                 else if (M - m0 > 2) packed_tile4(a, m0, M, K, packed, s, rowsum, b0, N, y, accumulate);
-                else packed_tile2(a, m0, M, K, packed, s, rowsum, b0, N, y, accumulate);
+                else if (M - m0 > 1) packed_tile2(a, m0, M, K, packed, s, rowsum, b0, N, y, accumulate);
+                else packed_tile1(a, m0, M, K, packed, s, rowsum, b0, N, y, accumulate);
             }
         return;
     }

@@ -12,9 +12,9 @@ numerics are the int_mm path's: activations quantized per row, LLM.int8 outlier 
 that the outliers are chosen per row (torch's path chooses columns over the batch), so a row decodes the same
 alone or in a batch. The int32 products are exact, so the AVX-512 VNNI and AVX2 kernels agree bit for bit.
 
-On VNNI, batches and prompts read a packed copy of each int8 weight (pack_vnni: 16 rows' bytes side by side per
-four features), kept on the layer beside the weight as stored, which one row reads. The copies double the int8
-weights' memory; packs() makes them only when they fit in half of the memory available.
+On VNNI, the step reads a packed copy of each int8 weight (pack_vnni: 16 rows' bytes side by side per four
+features), kept on the layer beside the weight as stored. The copies double the int8 weights' memory; packs()
+makes them only when they fit in half of the memory available.
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def _packed(m: Int8Linear) -> torch.Tensor:
 
 
 def packs(model: Transformer, head: Int8Linear, fused: list) -> bool:
-    """Whether batches and prompts read packed copies of the int8 weights: on VNNI, when the copies not yet made
+    """Whether the step reads packed copies of the int8 weights: on VNNI, when the copies not yet made
     take at most half of the memory available (said once per process when they would not). Off with
     LORA_CORE_NATIVE_PACK=0."""
     if os.environ.get(PACK_ENV, "1") == "0" or isa() != ISA_VNNI:
@@ -132,7 +132,7 @@ def packs(model: Transformer, head: Int8Linear, fused: list) -> bool:
         if "pack" in _said:
             return False
         _said.add("pack")
-        print(f"lora-core: batches and prompts decode without the packed weight copies (they would take "
+        print(f"lora-core: decoding without the packed weight copies (they would take "
               f"{need / 2**20:.0f} MiB, over half of the {available / 2**20:.0f} MiB available; slower, same "
               f"results); set {PACK_ENV}=0 to silence this", file=sys.stderr)
         return False
