@@ -543,9 +543,82 @@ static void dot4_int4_vnni(const uint8_t* w, const float* ws, const float* wlo, 
     for (int j = 0; j < 4; j++) out[j] = hsum8(acc[j]) + lo[j];
 }
 
+/* The VNNI-packed copy of an int4 weight (lora_core/native_decode.py packs it): for each block of 16 rows (N padded
+ * with zero rows to a multiple of 16) and each 32 features, 4 x 64 bytes: byte 4r + i of part c holds row r's
+ * weight 4c + i in its low nibble and 16 + 4c + i in its high nibble; then the scales and the minima, each
+ * (N / 16, K / group, 16). One vpdpbusd takes four features of one row against 16 weight rows; each 32 features'
+ * int32 sums are scaled as one vector, y = sum over blocks of (s * xs) * (q . xq) + sum of lo * xsum. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"), always_inline))
+static inline void packed4_tile(const Act4* a, int64_t m0, int64_t M, int64_t K, const uint8_t* wp, int64_t group,
+                                int64_t r0, int64_t N, float* y, int accumulate, const int MR) {
+    const int64_t nb = K / 32, G = K / group, N16 = (N + 15) / 16 * 16;
+    const uint8_t* w = wp + r0 * nb * 256;
+    const float* ws = (const float*)(wp + N16 * K / 2) + r0 * G * 16;
+    const float* wlo = ws + N16 * G;
+    const int8_t* x[4];
+    const float *xs[4], *xsum[4];
+    for (int j = 0; j < MR; j++) {
+        const int64_t m = m0 + j < M ? m0 + j : M - 1;
+        x[j] = a->q + m * K, xs[j] = a->scale + m * nb, xsum[j] = a->sum + m * nb;
+    }
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 f[4], l[4];
+    for (int j = 0; j < MR; j++) f[j] = l[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t g = b * 32 / group;
+        __m512i acc[4];
+        for (int j = 0; j < MR; j++) acc[j] = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const uint8_t* part = w + b * 256 + c * 64;
+            if (m0 == 0) _mm_prefetch((const char*)(part + 2 * nb * 256), _MM_HINT_T2);
+            const __m512i v = _mm512_loadu_si512(part);
+            const __m512i lo4 = _mm512_and_si512(v, low), hi4 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            for (int j = 0; j < MR; j++) {
+                int32_t first, second;
+                memcpy(&first, x[j] + b * 32 + 4 * c, 4), memcpy(&second, x[j] + b * 32 + 16 + 4 * c, 4);
+                acc[j] = _mm512_dpbusd_epi32(acc[j], lo4, _mm512_set1_epi32(first));
+                acc[j] = _mm512_dpbusd_epi32(acc[j], hi4, _mm512_set1_epi32(second));
+            }
+        }
+        const __m512 sg = _mm512_loadu_ps(ws + g * 16), lg = _mm512_loadu_ps(wlo + g * 16);
+        for (int j = 0; j < MR; j++) {
+            f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(sg, _mm512_set1_ps(xs[j][b])), f[j]);
+            l[j] = _mm512_fmadd_ps(lg, _mm512_set1_ps(xsum[j][b]), l[j]);
+        }
+    }
+    const int64_t n0 = r0 * 16;
+    const __mmask16 cols = N - n0 >= 16 ? 0xffff : (__mmask16)((1u << (N - n0)) - 1);
+    for (int j = 0; j < MR && m0 + j < M; j++) {
+        float* yr = y + (m0 + j) * N + n0;
+        __m512 v = _mm512_add_ps(f[j], l[j]);
+        if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(cols, yr), v);
+        _mm512_mask_storeu_ps(yr, cols, v);
+    }
+}
+
+#define PACKED4_TILE(MR)                                                                                              \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))                                                  \
+    static void packed4_tile##MR(const Act4* a, int64_t m0, int64_t M, int64_t K, const uint8_t* wp, int64_t group,  \
+                                 int64_t r0, int64_t N, float* y, int accumulate) {                                   \
+        packed4_tile(a, m0, M, K, wp, group, r0, N, y, accumulate, MR);                                             \
+    }
+PACKED4_TILE(4)
+PACKED4_TILE(2)
+PACKED4_TILE(1)
+
 /* y (M, N) (+)= x @ dequant(int4 w)^T; inside a parallel region (splits the rows n) */
 static void product_int4(const Act4* a, int64_t M, int64_t K, const uint8_t* w, const float* ws, const float* wlo,
-                         int64_t group, int64_t N, float* y, int accumulate, int isa) {
+                         const uint8_t* packed, int64_t group, int64_t N, float* y, int accumulate, int isa) {
+    if (isa == ISA_VNNI && packed) {  /* 16 weight rows x 4 (2, 1) activation rows at a time */
+        #pragma omp for schedule(static)
+        for (int64_t r0 = 0; r0 < (N + 15) / 16; r0++)
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                if (M - m0 > 2) packed4_tile4(a, m0, M, K, packed, group, r0, N, y, accumulate);
+                else if (M - m0 > 1) packed4_tile2(a, m0, M, K, packed, group, r0, N, y, accumulate);
+                else packed4_tile1(a, m0, M, K, packed, group, r0, N, y, accumulate);
+            }
+        return;
+    }
     const int64_t G = K / group;
     #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
@@ -588,7 +661,7 @@ int int4_product(const float* x, int64_t M, int64_t K, const uint8_t* w, const f
     }
     for (int64_t m = 0; m < M; m++) quantize_blocks(x, m, K, eps, &a);
     #pragma omp parallel
-    product_int4(&a, M, K, w, ws, wlo, group, N, y, 0, (int)isa);
+    product_int4(&a, M, K, w, ws, wlo, NULL, group, N, y, 0, (int)isa);
     act4_free(&a);
     return 0;
 }
@@ -715,7 +788,7 @@ static void linear(const float* x, const float* norm, float* normed, int64_t M, 
         }
         if (tiles) group_outliers(&sh->a, g, M, K);
     }
-    if (kind) product_int4(&sh->a4, M, K, P[0], P[1], P[2], kind, N, y, accumulate, sh->isa);
+    if (kind) product_int4(&sh->a4, M, K, P[0], P[1], P[2], P[3], kind, N, y, accumulate, sh->isa);
     else product(&sh->a, M, K, P[0], P[1], P[2], P[3], N, y, accumulate, sh->isa);
 }
 

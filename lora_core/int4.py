@@ -139,10 +139,10 @@ def quantize_int4_on_load(model: nn.Module, name: str, tensor: torch.Tensor) -> 
     return True
 
 
-def quantize_model_int4(model: nn.Module) -> nn.Module:
+def quantize_model_int4(model: nn.Module, group: int = DEFAULT_GROUP) -> nn.Module:
     """Replace the projection Linears of an already loaded float model (a merged adapter) by int4 layers."""
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.rpartition(".")[2] in PROJECTIONS:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, int4_or_int8(module.weight))
+            setattr(model.get_submodule(parent), child, int4_or_int8(module.weight, group))
     return model

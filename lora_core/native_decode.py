@@ -25,7 +25,7 @@ import sys
 import torch
 from torch import nn
 
-from .int4 import Int4Linear
+from .int4 import Int4Linear, unpack
 from .kernels import dispatch, native
 from .kernels.reference import EPS
 from .model import KVCache, Transformer
@@ -84,22 +84,24 @@ def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | No
     return None
 
 
-def _kept(m: Int8Linear, name: str, make) -> torch.Tensor:
-    """make(qweight), kept on the layer as `name` until its weight is replaced or written in place."""
-    try:
-        key = (m.qweight.data_ptr(), m.qweight._version)
-    except RuntimeError:  # a tensor made under torch.inference_mode keeps no version counter
-        key = (m.qweight.data_ptr(), None)
+def _kept(m: nn.Module, name: str, make, *sources: torch.Tensor) -> torch.Tensor:
+    """make(*sources), kept on the layer as `name` until a source is replaced or written in place."""
+    key = []
+    for t in sources:
+        try:
+            key.append((t.data_ptr(), t._version))
+        except RuntimeError:  # a tensor made under torch.inference_mode keeps no version counter
+            key.append((t.data_ptr(), None))
     kept = getattr(m, name, None)
     if kept is None or kept[0] != key:
-        kept = (key, make(m.qweight))
+        kept = (key, make(*sources))
         setattr(m, name, kept)
     return kept[1]
 
 
 def _rowsum(m: Int8Linear) -> torch.Tensor:
     """The int32 sum of each weight row (the VNNI kernel's correction for x + 128)."""
-    return _kept(m, "_native_rowsum", lambda w: w.sum(1, dtype=torch.int32))
+    return _kept(m, "_native_rowsum", lambda w: w.sum(1, dtype=torch.int32), m.qweight)
 
 
 def pack_vnni(w: torch.Tensor) -> torch.Tensor:
@@ -110,8 +112,33 @@ def pack_vnni(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0] // 16, 16, w.shape[1] // 4, 4).transpose(1, 2).contiguous()
 
 
-def _packed(m: Int8Linear) -> torch.Tensor:
-    return _kept(m, "_native_packed", pack_vnni)
+def pack_int4_vnni(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """An Int4Linear's (packed, scale, lo) -> decode_step.c's packed int4 copy, one uint8 tensor: per block of 16
+    rows (N padded with zero rows) and 32 features, 4 parts of 64 bytes, byte 4r + i of part c holding row r's
+    weight 4c + i low and 16 + 4c + i high; then the scales and the minima, each (N / 16, groups, 16) fp32."""
+    q = unpack(packed)
+    N, K = q.shape
+    q = nn.functional.pad(q, (0, 0, 0, -N % 16))
+    halves = q.reshape(q.shape[0] // 16, 16, K // 32, 2, 4, 4)  # (block, r, 32 features, low/high, c, i)
+    parts = (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # (block, 32 features, c, r, i)
+
+    def by_block(t):  # (N, groups) -> (N / 16, groups, 16)
+        t = nn.functional.pad(t.float(), (0, 0, 0, -N % 16))
+        return t.reshape(t.shape[0] // 16, 16, t.shape[1]).transpose(1, 2)
+    return torch.cat([parts.flatten(), by_block(scale).flatten().view(torch.uint8),
+                      by_block(lo).flatten().view(torch.uint8)])
+
+
+def _packed(m: Int8Linear | Int4Linear) -> torch.Tensor:
+    if isinstance(m, Int4Linear):
+        return _kept(m, "_native_packed", pack_int4_vnni, m.packed, m.scale, m.lo)
+    return _kept(m, "_native_packed", pack_vnni, m.qweight)
+
+
+def _copy_bytes(m: nn.Module) -> int:
+    if isinstance(m, Int4Linear):
+        return m.packed.numel() + 8 * m.scale.numel()
+    return m.qweight.numel() if _int8(m) is not None else 0
 
 
 def packs(model: Transformer, head: Int8Linear, fused: list) -> bool:
@@ -122,8 +149,7 @@ def packs(model: Transformer, head: Int8Linear, fused: list) -> bool:
         return False
     layers = [head] + [f for pair in fused for f in pair]
     layers += [m for b in model.layers for m in (b.self_attn.o_proj, b.mlp.down_proj)]
-    need = sum(m.qweight.numel() for m in layers
-               if _int8(m) is not None and getattr(m, "_native_packed", None) is None)
+    need = sum(_copy_bytes(m) for m in layers if getattr(m, "_native_packed", None) is None)
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # no sysconf for it: pack, as the copies are what batches need
@@ -176,9 +202,10 @@ class NativeStep:
         return t.data_ptr()
 
     def _layer(self, m: Int8Linear | Int4Linear) -> tuple:
+        packed = _packed(m) if self.packed else None
         if isinstance(m, Int4Linear):
-            return m.packed, m.scale, m.lo, None
-        return m.qweight, m.scale.float().contiguous(), _rowsum(m), _packed(m) if self.packed else None
+            return m.packed, m.scale, m.lo, packed
+        return m.qweight, m.scale.float().contiguous(), _rowsum(m), packed
 
     def __call__(self, tokens: torch.Tensor, slot: int, positions: torch.Tensor,
                  key_valid: torch.Tensor) -> torch.Tensor:

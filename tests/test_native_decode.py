@@ -26,14 +26,14 @@ pytestmark = pytest.mark.skipif(native_decode.library()[0] is None, reason=f"the
 TORCH_PATH = "forward=int_mm" if cpu_info.has_int8_dot() else "forward=reference"
 
 
-def int8_tiny(outliers=False, int4=False, **kw):
+def int8_tiny(outliers=False, int4=False, group=32, **kw):
     model = tiny(**kw)
     if outliers:  # norms large enough that many normalised activations pass the 6.0 threshold
         with torch.no_grad():
             for b in model.layers:
                 b.input_layernorm.weight.mul_(8)
                 b.post_attention_layernorm.weight.mul_(8)
-    model = quantize_model_int4(model) if int4 else quantize_model(model)
+    model = quantize_model_int4(model, group) if int4 else quantize_model(model)
     add_int8_output_head(model)
     return model, output_head(model)
 
@@ -84,10 +84,15 @@ def test_native_step_equals_torch_step(dim, n_heads, n_kv_heads, hidden):
     assert_close_int8(c, t)
 
 
-@pytest.mark.parametrize("dim,n_heads,n_kv_heads,hidden", [(64, 4, 2, 96), (96, 6, 1, 160)])
-def test_native_int4_step_equals_torch_step(dim, n_heads, n_kv_heads, hidden):
-    """int4 projections (the torch step runs the same C product layer by layer), int8 head, prompts of 1-4 rows."""
-    model, head = int8_tiny(int4=True, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden)
+@pytest.mark.parametrize("pack", ["1", "0"])
+@pytest.mark.parametrize("dim,n_heads,n_kv_heads,hidden,group", [(64, 4, 2, 96, 32), (96, 6, 1, 160, 32),
+                                                                 (128, 4, 2, 192, 64)])
+def test_native_int4_step_equals_torch_step(monkeypatch, dim, n_heads, n_kv_heads, hidden, group, pack):
+    """int4 projections (the torch step runs the C product of the layer as stored, layer by layer), int8 head,
+    prompts of 1-4 rows; the step reads the packed copies (VNNI, pack 1) or the layers as stored."""
+    monkeypatch.setenv(native_decode.PACK_ENV, pack)
+    model, head = int8_tiny(int4=True, group=group, dim=dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                            hidden_dim=hidden)
     assert isinstance(model.layers[0].mlp.down_proj, Int4Linear)
     for prompts in ([[5, 6, 7, 8]], [[5, 6], [7], [8, 9, 10], [11, 12, 13, 14]]):
         c, t = both_steps(model, head, prompts)
@@ -196,9 +201,11 @@ def test_vnni_and_avx2_kernels_agree_bit_for_bit(monkeypatch, dim, n_heads, hidd
     assert torch.equal(runs[0], runs[1])
 
 
-def test_batched_rows_decode_as_each_row_alone():
-    """Outliers chosen per row: a row's greedy answer does not depend on its batch."""
-    model, head = int8_tiny(outliers=True, dim=72, n_heads=6, n_kv_heads=2, hidden_dim=96)
+@pytest.mark.parametrize("int4", [False, True])
+def test_batched_rows_decode_as_each_row_alone(int4):
+    """Each row computed on its own (int8 outliers chosen per row, int4 activations quantized per row): a row's
+    greedy answer does not depend on its batch."""
+    model, head = int8_tiny(outliers=True, int4=int4, dim=72, n_heads=6, n_kv_heads=2, hidden_dim=96)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
     tok = _Tok()
     batched = generate_batch(model, tok, prompts, GREEDY, max_new_tokens=8, ignore_eos=True)
@@ -297,6 +304,25 @@ def test_packed_layout_by_hand(N, K):
     n, k = torch.meshgrid(torch.arange(N), torch.arange(K), indexing="ij")
     assert torch.equal(p[n // 16, k // 4, n % 16, k % 4], w)
     assert int(p.abs().sum()) == int(w.abs().sum())  # nothing else is non-zero
+
+
+@pytest.mark.parametrize("N,K,group", [(16, 32, 32), (50, 96, 32), (7, 128, 64)])
+def test_packed_int4_layout_by_hand(N, K, group):
+    """Row n's weight k: block n // 16, 32 features k // 32, part (k % 16) // 4, byte 4 (n % 16) + k % 4, in the low
+    nibble for k % 32 < 16; then the scales and the minima, (N / 16, groups, 16) each; padding zeros."""
+    from lora_core.int4 import pack
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    scale, lo = torch.rand(N, K // group), torch.randn(N, K // group)
+    p = native_decode.pack_int4_vnni(pack(q), scale, lo)
+    blocks = -(-N // 16)
+    parts = p[:blocks * 16 * K // 2].reshape(blocks, K // 32, 4, 64)
+    n, k = torch.meshgrid(torch.arange(N), torch.arange(K), indexing="ij")
+    byte = parts[n // 16, k // 32, (k % 16) // 4, 4 * (n % 16) + k % 4]
+    assert torch.equal(torch.where(k % 32 < 16, byte & 15, byte >> 4), q)
+    tables = p[blocks * 16 * K // 2:].view(torch.float32).reshape(2, blocks, K // group, 16)
+    for table, t in zip(tables, (scale, lo)):
+        assert torch.equal(table.transpose(1, 2).reshape(blocks * 16, K // group)[:N], t)
+        assert not table.transpose(1, 2).reshape(blocks * 16, K // group)[N:].any()
 
 
 def test_packed_copies_only_with_room_for_them(monkeypatch, capsys):
