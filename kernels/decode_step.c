@@ -353,8 +353,8 @@ static void tile4x2_avx2(const Act* a, int64_t m0, int64_t K, const int8_t* w, c
         }
 }
 
-/* The VNNI-packed copy of an int8 weight (N, K) that batches read when there is one (lora_core/native_decode.py
- * packs it): blocks of 16 rows (N padded with zero rows to a multiple of 32), each (K / 4, 16, 4): for every four
+/* The VNNI-packed copy of an int8 weight (N, K), which products read where lora_core/native_decode.py made one:
+ * blocks of 16 rows (N padded with zero rows to a multiple of 32), each (K / 4, 16, 4): for every four
  * features, the 16 rows' four bytes side by side (K padded with zeros to a multiple of 4). One vpdpbusd then
  * takes four features of one activation row, broadcast, against 16 weight rows: every lane holds one output's
  * sum, so nothing is reduced across lanes, and each 64 bytes of weight serve all the rows of the tile. */
@@ -368,7 +368,7 @@ static inline void packed_tile(const Act* a, int64_t m0, int64_t M, int64_t K, c
     __m512i acc[16];
     for (int i = 0; i < 2 * MR; i++) acc[i] = _mm512_setzero_si512();
     for (int64_t k = 0; k < K4; k++) {
-        if (m0 == 0)  /* the next block pair, two ahead; later row groups find this one in cache */
+        if (m0 == 0)  /* the block pair after next; later row groups find this one in cache */
             for (int h = 0; h < 2; h++) _mm_prefetch((const char*)(w[h] + 4 * 64 * K4 + 64 * k), _MM_HINT_T2);
         const __m512i w0 = _mm512_loadu_si512(w[0] + 64 * k), w1 = _mm512_loadu_si512(w[1] + 64 * k);
         for (int j = 0; j < MR; j++) {
