@@ -108,8 +108,12 @@ def pack_vnni(w: torch.Tensor) -> torch.Tensor:
     """int8 (N, K) -> decode_step.c's packed layout: blocks of 16 rows, each (K/4, 16, 4), N padded with zero rows
     to a multiple of 32 and K with zeros to a multiple of 4."""
     N, K = w.shape
-    w = torch.nn.functional.pad(w, (0, -K % 4, 0, -N % 32))
-    return w.reshape(w.shape[0] // 16, 16, w.shape[1] // 4, 4).transpose(1, 2).contiguous()
+    if N % 32 or K % 4:
+        w = nn.functional.pad(w, (0, -K % 4, 0, -N % 32))
+    N, K = w.shape
+    fours = w.contiguous().view(torch.int32)  # each row's four bytes as one element: a 4x smaller transpose
+    blocks = fours.reshape(N // 16, 16, K // 4).transpose(1, 2).contiguous()
+    return blocks.view(torch.int8).reshape(N // 16, K // 4, 16, 4)
 
 
 def pack_int4_vnni(packed: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
