@@ -145,6 +145,22 @@ def _copy_bytes(m: nn.Module) -> int:
     return m.qweight.numel() if _int8(m) is not None else 0
 
 
+def available_memory() -> int | None:
+    """Bytes the system can give without swapping: Linux's MemAvailable (free memory plus the page cache it can
+    drop, which a freshly read checkpoint fills), else the free pages; None if neither can be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def packs(model: Transformer, head: Int8Linear, fused: list) -> bool:
     """Whether the step reads packed copies of the int8 weights: on VNNI, when the copies not yet made
     take at most half of the memory available (said once per process when they would not). Off with
@@ -154,9 +170,8 @@ def packs(model: Transformer, head: Int8Linear, fused: list) -> bool:
     layers = [head] + [f for pair in fused for f in pair]
     layers += [m for b in model.layers for m in (b.self_attn.o_proj, b.mlp.down_proj)]
     need = sum(_copy_bytes(m) for m in layers if getattr(m, "_native_packed", None) is None)
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # no sysconf for it: pack, as the copies are what batches need
+    available = available_memory()
+    if available is None:  # unknown: pack, as the copies are what the step needs to be fast
         return True
     if need > available // 2:
         if "pack" in _said:
