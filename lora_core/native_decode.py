@@ -12,9 +12,9 @@ numerics are the int_mm path's: activations quantized per row, LLM.int8 outlier 
 that the outliers are chosen per row (torch's path chooses columns over the batch), so a row decodes the same
 alone or in a batch. The int32 products are exact, so the AVX-512 VNNI and AVX2 kernels agree bit for bit.
 
-On VNNI, the step reads a packed copy of each int8 weight (pack_vnni: 16 rows' bytes side by side per four
-features), kept on the layer beside the weight as stored. The copies double the int8 weights' memory; packs()
-makes them only when they fit in half of the memory available.
+On VNNI, the step reads a packed copy of each weight (pack_vnni, pack_int4_vnni: 16 rows' bytes or nibbles side
+by side per four features), kept on the layer beside the weight as stored. The copies double the weights' memory;
+packs() makes them only when they fit in half of the memory available.
 """
 from __future__ import annotations
 
