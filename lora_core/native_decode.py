@@ -55,6 +55,12 @@ def _readable(m: nn.Module) -> bool:
                                     and m.kernel_ready())
 
 
+def _projections(model: Transformer, fused: list) -> list[nn.Module]:
+    """Every product layer the step reads but the head: fused q|k|v and gate|up, o and down of every block."""
+    return ([f for pair in fused for f in pair]
+            + [m for b in model.layers for m in (b.self_attn.o_proj, b.mlp.down_proj)])
+
+
 def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | None:
     """None if the native step can decode this model, else why not (for a notice or a test)."""
     if os.environ.get(ENV, "1") == "0":
@@ -75,8 +81,7 @@ def why_not(model: Transformer, head: nn.Module, fused: list | None) -> str | No
         return "needs n_heads divisible by n_kv_heads"
     if fused is None or any(f is None for pair in fused for f in pair):
         return "needs q|k|v and gate|up fusable (int8 or int4 layers, no unmerged adapter)"
-    layers = [f for pair in fused for f in pair]
-    layers += [m for b in model.layers for m in (b.self_attn.o_proj, b.mlp.down_proj)]
+    layers = _projections(model, fused)
     if _int8(head) is None or not all(_readable(m) for m in layers):
         return "needs every projection as int8 or int4 layers, and the output head int8"
     if len({m.threshold for m in layers + [head] if isinstance(m, Int8Linear)}) != 1:
@@ -167,8 +172,7 @@ def packs(model: Transformer, head: Int8Linear, fused: list) -> bool:
     LORA_CORE_NATIVE_PACK=0."""
     if os.environ.get(PACK_ENV, "1") == "0" or isa() != ISA_VNNI:
         return False
-    layers = [head] + [f for pair in fused for f in pair]
-    layers += [m for b in model.layers for m in (b.self_attn.o_proj, b.mlp.down_proj)]
+    layers = [head] + _projections(model, fused)
     need = sum(_copy_bytes(m) for m in layers if getattr(m, "_native_packed", None) is None)
     available = available_memory()
     if available is None:  # unknown: pack, as the copies are what the step needs to be fast
